@@ -1,0 +1,434 @@
+"""Server assembly: plugins in, listening sockets and a model registry out.
+
+:class:`Server` asks every hook once, builds the named registries (worker backends, batching
+strategies, allocators, envelopes, sinks, handlers), the security pipeline and one Tornado
+application per address, then enters the plugins' lifespans and listeners in an
+``AsyncExitStack`` and loads the start-up models. SIGTERM drains: listeners stop accepting,
+in-flight requests finish (up to ``drain_timeout``), workers stop, lifespans exit in reverse.
+Example::
+
+    server = Server(Config.load(cli={"model_store": "store"}), load_plugins())
+    asyncio.run(server.run())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from flambeau import __version__
+from flambeau.api import (
+    Batcher,
+    ConfigError,
+    Device,
+    MetricRecord,
+    RouteSpec,
+    WorkerBackend,
+    WorkerSpec,
+)
+from flambeau.core.config import Address, Config
+from flambeau.core.metrics import HOSTNAME, Metrics
+from flambeau.core.models import ModelManager, cpu_count, python_for
+from flambeau.core.plugins import PluginSet, named
+from flambeau.core.settings import RegisterParams, startup_default_workers
+from flambeau.web import ApiHandler, NotFoundHandler, Security
+
+log = logging.getLogger("flambeau.server")
+access_log = logging.getLogger("flambeau.access")
+
+LISTENER_KEYS = {
+    "inference": "inference_address",
+    "management": "management_address",
+    "metrics": "metrics_address",
+}
+
+
+class Server:
+    """One flambeau server: configuration, plugins, registries, models and listeners."""
+
+    def __init__(
+        self,
+        config: Config,
+        plugins: PluginSet,
+        *,
+        ready_file: str | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.hooks = plugins.hooks
+        self.ready_file = ready_file
+        self._on_ready = on_ready
+        self.log_dir = os.environ.get("LOG_LOCATION", "logs")
+        self.work_dir = tempfile.mkdtemp(prefix="flambeau-")
+        self.addresses: dict[str, str] = {}
+        self._http_servers: list[tornado.httpserver.HTTPServer] = []
+        self._stop = asyncio.Event()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.started_at = time.time()
+
+        self.hooks.configure(config)
+        self.routes: list[RouteSpec] = self.hooks.routes(config)
+        self.listener_specs = self.hooks.listeners(config)
+        self._backends = named(self.hooks.worker_backends(config), "worker backend")
+        self._batcher_specs = named(self.hooks.batchers(config), "batching strategy")
+        self._allocator_specs = named(self.hooks.allocators(config), "device allocator")
+        self.envelopes = named(self.hooks.envelopes(config), "envelope")
+        self.preparers = self.hooks.model_preparers(config)
+        self.handler_names = {h.name: h.target for h in self.hooks.handlers()}
+        self.devices: list[Device] = [
+            device for spec in self.hooks.device_discovery(config) for device in spec.discover()
+        ]
+        self.security = self._build_security()
+        sink_specs = named(self.hooks.metrics_sinks(config), "metrics sink")
+        wanted = config.get_list("metrics_sinks")
+        self.metrics = Metrics()
+        self.metrics.sinks = [sink_specs[n].factory(self) for n in wanted if n in sink_specs]
+        self._backend_cache: dict[str, WorkerBackend] = {}
+        self._allocator = self._build_allocator()
+        self._request_families()
+        self.models = ModelManager(self)
+
+    # ------------------------------------------------------------------ registries
+
+    def _build_security(self) -> Security:
+        authn_specs = named(self.hooks.authenticators(self.config), "authenticator")
+        authz_specs = named(self.hooks.authorizers(self.config), "authorizer")
+        names = self.config.get_list("authenticator")
+        authenticators = [authn_specs[n].factory(self) for n in names if n in authn_specs]
+        missing = [n for n in names if n not in authn_specs]
+        if missing:
+            log.warning("authenticator(s) %s not provided by any plugin", ", ".join(missing))
+        authz_name = self.config.get_str("authorizer")
+        if authz_name in authz_specs:
+            authorizer = authz_specs[authz_name].factory(self)
+        else:
+            log.warning("authorizer %r not provided by any plugin: every route is refused", authz_name)
+            authorizer = _DenyAll()
+        return Security(authenticators, authorizer)
+
+    def _build_allocator(self) -> Any:
+        name = self.config.get_str("device_allocator")
+        spec = self._allocator_specs.get(name)
+        if spec is None:
+            if self._allocator_specs:
+                raise ConfigError(
+                    f"device_allocator: unknown allocator {name!r} "
+                    f"(available: {', '.join(sorted(self._allocator_specs))})"
+                )
+            return None
+        return spec.factory()
+
+    def worker_backend(self, name: str = "") -> WorkerBackend:
+        name = name or self.config.get_str("worker_backend")
+        if name not in self._backend_cache:
+            spec = self._backends.get(name)
+            if spec is None:
+                raise ConfigError(
+                    f"worker backend {name!r} is not provided by any plugin "
+                    f"(available: {', '.join(sorted(self._backends)) or 'none'})"
+                )
+            self._backend_cache[name] = spec.factory(self)
+        return self._backend_cache[name]
+
+    def batcher(self, name: str = "") -> Batcher:
+        name = name or self.config.get_str("batching_strategy")
+        spec = self._batcher_specs.get(name)
+        if spec is None:
+            raise ConfigError(
+                f"batching strategy {name!r} is not provided by any plugin "
+                f"(available: {', '.join(sorted(self._batcher_specs)) or 'none'})"
+            )
+        return spec.factory()
+
+    def gpu_count(self) -> int:
+        limit = self.config.get_int("number_of_gpu", -1)
+        gpus = sum(1 for d in self.devices if d.kind == "cuda")
+        return gpus if limit < 0 else min(gpus, limit)
+
+    def startup_workers(self) -> int:
+        return startup_default_workers(self.config, self.gpu_count())
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_spec(self, mv: Any, worker_id: str) -> WorkerSpec:
+        """Everything a backend needs for one worker of ``mv``: device, threads, env."""
+        device = self._allocate(mv)
+        gpu_id = device.index if device.kind == "cuda" else None
+        total_workers = sum(v.pool.target for v in self.models.all_versions()) or 1
+        threads = mv.settings.intra_op_threads or max(1, cpu_count() // total_workers)
+        env = {k: v for k, v in os.environ.items() if not self._blacklisted(k)}
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        return WorkerSpec(
+            worker_id=worker_id,
+            load=self.models.load_spec(mv, gpu_id, threads),
+            device=device.name,
+            python=python_for(mv),
+            env=env,
+            log_dir=self.log_dir,
+            startup_timeout_s=float(mv.settings.startup_timeout_s),
+            max_response_bytes=self.config.get_int("max_response_size", 6553500),
+        )
+
+    def _blacklisted(self, key: str) -> bool:
+        pattern = self.config.get_str("blacklist_env_vars")
+        return bool(pattern) and re.fullmatch(pattern, key) is not None
+
+    def _allocate(self, mv: Any) -> Device:
+        wants_gpu = mv.settings.device_type != "cpu"
+        if self._allocator is None or not wants_gpu:
+            return Device("cpu")
+        config = {
+            "deviceType": mv.settings.device_type,
+            "deviceIds": list(mv.settings.device_ids),
+            "maxGPUMemory": mv.settings.max_gpu_memory_mb,
+            "number_of_gpu": self.gpu_count(),
+        }
+        return self._allocator.allocate(self.devices, mv.name, config)
+
+    def release_device(self, spec: WorkerSpec) -> None:
+        if self._allocator is not None and spec.device != "cpu":
+            kind, _, index = spec.device.partition(":")
+            self._allocator.release(Device(kind, int(index or 0)), spec.load.model_name)
+
+    async def prepare_environment(self, mv: Any) -> None:
+        """Per-model preparation (requirements), in plugin order, before workers start."""
+        for preparer in self.preparers:
+            await preparer.prepare(self, mv)
+
+    # ------------------------------------------------------------------ metrics and logs
+
+    def _request_families(self) -> None:
+        m = self.metrics
+        for name in ("Requests2XX", "Requests4XX", "Requests5XX"):
+            m.family(name, "counter", "Count", ("Level", "Hostname"))
+        labels = ("model_name", "model_version", "hostname")
+        self._req_total = m.family("ts_inference_requests_total", "counter", "Count", labels)
+        self._latency = m.family("ts_inference_latency_microseconds", "counter", "Microseconds", labels)
+        self._queue_latency = m.family("ts_queue_latency_microseconds", "counter", "Microseconds", labels)
+        self._queue_time = m.family("QueueTime", "gauge", "Milliseconds", ("Level", "Hostname"))
+        self._batch_size = m.family(
+            "flambeau_batch_size", "histogram", "Count", ("model_name", "model_version"),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self._handler_time = m.family(
+            "flambeau_batch_seconds", "histogram", "Seconds", ("model_name", "model_version"),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    def observe_response(self, handler: ApiHandler) -> None:
+        status = handler.get_status()
+        level = "Requests2XX" if status < 300 else "Requests4XX" if status < 500 else "Requests5XX"
+        if 300 <= status < 400:
+            level = "Requests2XX"
+        self.metrics.families[level].inc(("Host", HOSTNAME))
+        request = handler.request
+        access_log.info(
+            '%s "%s %s %s" %d %d',
+            request.remote_ip,
+            request.method,
+            request.uri,
+            request.version,
+            status,
+            int(1000 * request.request_time()),
+        )
+
+    def observe_prediction(self, name: str, version: str | None, total_s: float, queue_s: float) -> None:
+        labels = (name, version or "default", HOSTNAME)
+        self._req_total.inc(labels)
+        self._latency.inc(labels, total_s * 1e6)
+        self._queue_latency.inc(labels, queue_s * 1e6)
+
+    def observe_batch(self, name: str, version: str, size: int, queued_s: float, took_s: float) -> None:
+        self._queue_time.set(("Host", HOSTNAME), queued_s * 1000)
+        self._batch_size.observe((name, version), size)
+        self._handler_time.observe((name, version), took_s)
+
+    def record_handler_metrics(self, records: Sequence[MetricRecord]) -> None:
+        for record in records:
+            self.metrics.record(record)
+
+    # ------------------------------------------------------------------ listeners
+
+    def _application(self, listeners: set[str]) -> tornado.web.Application:
+        max_request = self.config.get_int("max_request_size", 6553500)
+        rules = []
+        for spec in self.routes:
+            if spec.listener not in listeners:
+                continue
+            if not (isinstance(spec.handler, type) and issubclass(spec.handler, ApiHandler)):
+                raise ConfigError(f"route {spec.pattern}: handler must subclass flambeau.web.ApiHandler")
+            kwargs = dict(spec.kwargs)
+            kwargs.update(route=spec, security=self.security, server=self, max_request_size=max_request)
+            rules.append(tornado.web.url(spec.pattern, spec.handler, kwargs, name=spec.name))
+        fallback = RouteSpec(".*", NotFoundHandler, listener=sorted(listeners)[0], public=True)
+        return tornado.web.Application(
+            rules,
+            default_handler_class=NotFoundHandler,
+            default_handler_args={
+                "route": fallback,
+                "security": self.security,
+                "server": self,
+                "max_request_size": max_request,
+            },
+            compress_response=False,
+            log_function=lambda handler: None,
+        )
+
+    def _ssl_context(self, address: Address) -> ssl.SSLContext | None:
+        if not address.tls:
+            return None
+        cert = self.config.get_str("certificate_file")
+        key = self.config.get_str("private_key_file")
+        if not cert or not key:
+            raise ConfigError("https addresses need certificate_file and private_key_file")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        return context
+
+    def _bind(self, address: Address, key: str) -> list[socket.socket]:
+        try:
+            if address.unix:
+                return [tornado.netutil.bind_unix_socket(address.path)]
+            return tornado.netutil.bind_sockets(address.port, address.host)
+        except OSError as exc:
+            where = address.path if address.unix else f"{address.host}:{address.port}"
+            raise ConfigError(f"{key}: cannot listen on {where}: {exc.strerror}") from None
+
+    def _start_http(self) -> None:
+        groups: dict[Address, set[str]] = {}
+        for listener, key in LISTENER_KEYS.items():
+            if listener == "metrics" and not self.config.get_bool("enable_metrics_api", True):
+                continue
+            groups.setdefault(self.config.address(key), set()).add(listener)
+        max_request = self.config.get_int("max_request_size", 6553500)
+        for address, listeners in groups.items():
+            sockets = self._bind(address, LISTENER_KEYS[sorted(listeners)[0]])
+            server = tornado.httpserver.HTTPServer(
+                self._application(listeners),
+                ssl_options=self._ssl_context(address),
+                max_body_size=max_request,
+                xheaders=False,
+            )
+            server.add_sockets(sockets)
+            self._http_servers.append(server)
+            for listener in listeners:
+                self.addresses[listener] = _describe_address(address, sockets)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def track_request(self, delta: int) -> None:
+        self._inflight += delta
+        if self._inflight == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(shutil.rmtree, self.work_dir, True)
+            self._start_http()
+            stack.push_async_callback(self._drain)
+            for lifespan in self.hooks.lifespans(self):
+                await stack.enter_async_context(lifespan)
+            for spec in self.listener_specs:
+                address = await stack.enter_async_context(spec.start(self))
+                if address:
+                    self.addresses[spec.name] = str(address)
+            await self._load_startup_models()
+            self._write_ready_file()
+            if self._on_ready is not None:
+                self._on_ready()
+            log.info("Model server started. Addresses: %s", self.addresses)
+            await self._stop.wait()
+            log.info("Stopping: draining in-flight requests")
+
+    async def _drain(self) -> None:
+        for http_server in self._http_servers:
+            http_server.stop()
+        timeout = self.config.get_float("drain_timeout", 30)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.models.close()
+        for http_server in self._http_servers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(http_server.close_all_connections(), 5)
+        if self.ready_file:
+            with contextlib.suppress(OSError):
+                Path(self.ready_file).unlink()
+
+    async def _load_startup_models(self) -> None:
+        spec = self.config.get_str("load_models").strip()
+        store = self.config.model_store
+        if not spec or store is None:
+            return
+        entries: list[tuple[str | None, str]] = []
+        if spec.lower() == "all":
+            for path in sorted(store.iterdir()):
+                if path.name.startswith("."):
+                    continue
+                if path.is_dir() or path.name.endswith((".mar", ".model", ".tar.gz", ".tgz")):
+                    entries.append((None, path.name))
+        else:
+            for item in spec.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                name, sep, location = item.partition("=")
+                entries.append((name, location) if sep else (None, item))
+        for name, location in entries:
+            params = RegisterParams(url=location, model_name=name, loaded_at_startup=True)
+            try:
+                _, message = await self.models.register(params)
+                log.info("%s", message)
+            except Exception as exc:
+                log.error("failed to load %s at start-up: %s", location, getattr(exc, "message", exc))
+
+    def _write_ready_file(self) -> None:
+        if not self.ready_file:
+            return
+        data = {"pid": os.getpid(), "version": __version__, "addresses": self.addresses}
+        tmp = Path(self.ready_file + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.ready_file)
+
+
+def _describe_address(address: Address, sockets: list[socket.socket]) -> str:
+    if address.unix:
+        return f"unix:{address.path}"
+    host, port = sockets[0].getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{address.scheme}://{host}:{port}"
+
+
+class _DenyAll:
+    def authorize(self, identity: Any, permission: str, resource: str | None) -> bool:
+        return False
