@@ -58,6 +58,7 @@ __all__ = [
     "EnvelopeSpec",
     "FlambeauError",
     "ForbiddenError",
+    "GrpcServiceSpec",
     "HandlerSpec",
     "Identity",
     "InternalServerError",
@@ -373,6 +374,22 @@ class ListenerSpec:
 
     name: str
     start: Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcServiceSpec:
+    """A gRPC service added to one of the gRPC listeners (``inference`` or ``management``).
+
+    ``add_to_server(grpc_server, flambeau_server)`` registers the servicer on the
+    ``grpc.aio.Server`` the gRPC listener plugin builds; ``permission`` is what the authorizer
+    checks for every rpc of the service (None = refused to everybody, as for routes).
+    """
+
+    name: str
+    listener: str
+    add_to_server: Callable[[Any, Any], None]
+    permission: str | None = None
+    public_methods: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -249,7 +249,8 @@ def list_plugins(plugins: PluginSet) -> int:
     # Ask the registration hooks once so that every plugin's strategies are attributed.
     for collect in (hooks.routes, hooks.listeners, hooks.authenticators, hooks.authorizers,
                     hooks.batchers, hooks.envelopes, hooks.allocators, hooks.worker_backends,
-                    hooks.metrics_sinks, hooks.device_discovery, hooks.model_preparers):
+                    hooks.metrics_sinks, hooks.device_discovery, hooks.model_preparers,
+                    hooks.grpc_services):
         with contextlib.suppress(Exception):
             collect(config)
     hooks.handlers()

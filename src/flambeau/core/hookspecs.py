@@ -26,6 +26,7 @@ from flambeau.api import (
     CommandSpec,
     DeviceDiscoverySpec,
     EnvelopeSpec,
+    GrpcServiceSpec,
     HandlerSpec,
     ListenerSpec,
     MetricsSinkSpec,
@@ -70,6 +71,15 @@ def flambeau_routes(config: Any) -> list[RouteSpec]:
 @hookspec
 def flambeau_listeners(config: Any) -> list[ListenerSpec]:
     """Non-HTTP listeners such as gRPC servers, entered at start-up; all collected."""
+    raise NotImplementedError
+
+
+@hookspec
+def flambeau_grpc_services(config: Any) -> list[GrpcServiceSpec]:
+    """gRPC services for the gRPC listeners (TorchServe's, KServe v2, ...); all collected.
+
+    Runs once in the server process; the gRPC listener plugin adds them to its servers.
+    """
     raise NotImplementedError
 
 

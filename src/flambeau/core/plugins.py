@@ -33,6 +33,7 @@ from flambeau.api import (
     CommandSpec,
     DeviceDiscoverySpec,
     EnvelopeSpec,
+    GrpcServiceSpec,
     HandlerSpec,
     ListenerSpec,
     MetricsSinkSpec,
@@ -203,7 +204,7 @@ class Hooks:
         caller = getattr(self._plugins.pm.hook, hook_name)
         specs: list[Any] = []
         # Call each implementation ourselves to know which plugin returned which spec.
-        for impl in reversed(caller.get_hookimpls()):
+        for impl in caller.get_hookimpls():  # registration order
             argnames = impl.argnames
             result = impl.function(**{k: v for k, v in kwargs.items() if k in argnames})
             if not result:
@@ -232,6 +233,9 @@ class Hooks:
 
     def listeners(self, config: Any) -> list[ListenerSpec]:
         return self._collect("flambeau_listeners", "listeners", config=config)
+
+    def grpc_services(self, config: Any) -> list[GrpcServiceSpec]:
+        return self._collect("flambeau_grpc_services", "grpc-services", config=config)
 
     def authenticators(self, config: Any) -> list[AuthenticatorSpec]:
         return self._collect("flambeau_authenticators", "authenticators", config=config)
