@@ -27,12 +27,27 @@ def build(store: Path) -> Path:
         config = Path(tmp) / "model-config.yaml"
         config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 5\n")
         store.mkdir(parents=True, exist_ok=True)
-        code = archive_main([
-            "--model-name", "demo", "--version", "1.0",
-            "--model-file", str(HERE / "model.py"), "--serialized-file", str(weights),
-            "--handler", str(HERE / "handler.py"), "--extra-files", str(labels),
-            "--config-file", str(config), "--export-path", str(store), "--force",
-        ])
+        code = archive_main(
+            [
+                "--model-name",
+                "demo",
+                "--version",
+                "1.0",
+                "--model-file",
+                str(HERE / "model.py"),
+                "--serialized-file",
+                str(weights),
+                "--handler",
+                str(HERE / "handler.py"),
+                "--extra-files",
+                str(labels),
+                "--config-file",
+                str(config),
+                "--export-path",
+                str(store),
+                "--force",
+            ]
+        )
     if code != 0:
         raise SystemExit(code)
     return store / "demo.mar"

@@ -35,6 +35,6 @@ class DemoHandler(BaseHandler):
         ]
         out, start = [], 0
         for size in self._sizes:
-            out.append(answers[start:start + size])
+            out.append(answers[start : start + size])
             start += size
         return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -88,9 +88,6 @@ __all__ = [
 
 PROJECT = "flambeau"
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-Listener = Literal["inference", "management", "metrics"]
-
 
 # --------------------------------------------------------------------------------------------
 # Values that cross the worker boundary (encoded in binary frames by the process backend).
@@ -206,7 +203,6 @@ class RegisterParams:
     loaded_at_startup: bool = False
 
 
-
 # --------------------------------------------------------------------------------------------
 # Strategy protocols: implemented by plugins, called by the core.
 # --------------------------------------------------------------------------------------------
@@ -236,7 +232,9 @@ class Authenticator(Protocol):
 class Authorizer(Protocol):
     """Decides whether ``identity`` holds ``permission`` (on ``resource``, e.g. a model name)."""
 
-    def authorize(self, identity: Identity | None, permission: str, resource: str | None) -> bool: ...
+    def authorize(
+        self, identity: Identity | None, permission: str, resource: str | None
+    ) -> bool: ...
 
 
 class Job(Protocol):
@@ -361,7 +359,7 @@ class RouteSpec:
 
     pattern: str
     handler: type[Any]
-    listener: Listener = "inference"
+    listener: str = "inference"  # "inference" | "management" | "metrics"
     permission: str | None = None
     public: bool = False
     kwargs: Mapping[str, Any] = field(default_factory=dict)

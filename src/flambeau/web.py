@@ -76,7 +76,7 @@ class ApiHandler(tornado.web.RequestHandler):
     identity: Identity | None
     request_id: str
 
-    def initialize(self, **kwargs: Any) -> None:  # type: ignore[override]
+    def initialize(self, **kwargs: Any) -> None:
         self.route = kwargs.pop("route")
         self.security = kwargs.pop("security")
         self.server = kwargs.pop("server")
@@ -187,7 +187,9 @@ class ApiHandler(tornado.web.RequestHandler):
         if isinstance(value, tornado.web.HTTPError):
             return
         log.error(
-            "request %s: unexpected error", getattr(self, "request_id", "-"), exc_info=(typ, value, tb)
+            "request %s: unexpected error",
+            getattr(self, "request_id", "-"),
+            exc_info=(typ, value, tb),
         )
 
     def _handle_request_exception(self, e: BaseException) -> None:
@@ -199,7 +201,7 @@ class ApiHandler(tornado.web.RequestHandler):
             self.set_default_headers()
             self.render_error(e)
             return
-        super()._handle_request_exception(e)  # type: ignore[arg-type]
+        super()._handle_request_exception(e)
 
     def on_finish(self) -> None:
         self.server.observe_response(self)

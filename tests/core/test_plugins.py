@@ -66,7 +66,9 @@ def test_builtins_load_first_and_in_a_stable_order() -> None:
 
 def test_hooks_are_attributed_to_their_plugin(plugin_modules: Path) -> None:
     plugins = PluginSet()
-    plugins.load([cand("a", "fake_alpha", "dist-a"), cand("b", "fake_beta", "dist-b")], PluginOptions())
+    plugins.load(
+        [cand("a", "fake_alpha", "dist-a"), cand("b", "fake_beta", "dist-b")], PluginOptions()
+    )
     names = [spec.name for spec in plugins.hooks.batchers(config=None)]
     assert names == ["alpha", "beta"]  # registration order, not pluggy's LIFO
     assert plugins.infos["a"].provides == {"batchers": ["alpha"]}
@@ -76,12 +78,16 @@ def test_hooks_are_attributed_to_their_plugin(plugin_modules: Path) -> None:
 def test_duplicate_name_names_both_distributions(plugin_modules: Path) -> None:
     plugins = PluginSet()
     with pytest.raises(PluginError, match=r"duplicate plugin name 'x'.*dist-a.*dist-b"):
-        plugins.load([cand("x", "fake_alpha", "dist-a"), cand("x", "fake_beta", "dist-b")], PluginOptions())
+        plugins.load(
+            [cand("x", "fake_alpha", "dist-a"), cand("x", "fake_beta", "dist-b")], PluginOptions()
+        )
 
 
 def test_import_error_names_plugin_and_distribution(plugin_modules: Path) -> None:
     plugins = PluginSet()
-    with pytest.raises(PluginError, match=r"plugin 'broken' from distribution 'dist-z'.*boom at import"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'broken' from distribution 'dist-z'.*boom at import"
+    ):
         plugins.load([cand("broken", "fake_broken", "dist-z")], PluginOptions())
 
 
@@ -101,7 +107,9 @@ def test_blocking_skips_even_a_broken_plugin(plugin_modules: Path) -> None:
 def test_disable_autoload_keeps_only_builtins(plugin_modules: Path) -> None:
     plugins = PluginSet()
     options = PluginOptions(disable_autoload=True)
-    plugins.load([cand("a", "fake_alpha", BUILTIN_DISTRIBUTION), cand("b", "fake_beta", "other")], options)
+    plugins.load(
+        [cand("a", "fake_alpha", BUILTIN_DISTRIBUTION), cand("b", "fake_beta", "other")], options
+    )
     assert list(plugins.infos) == ["a"]
 
 
@@ -122,4 +130,6 @@ def test_blocking_a_builtin_removes_its_routes() -> None:
     patterns = [spec.pattern for spec in plugins.hooks.routes(config=None)]
     assert not any(p.startswith("/ping") for p in patterns)
     assert all(isinstance(spec, RouteSpec) for spec in plugins.hooks.routes(config=None))
-    assert any(p.startswith("/ping") for p in (s.pattern for s in load_plugins().hooks.routes(None)))
+    assert any(
+        p.startswith("/ping") for p in (s.pattern for s in load_plugins().hooks.routes(None))
+    )

@@ -49,11 +49,17 @@ def test_token_auth_is_on_by_default(flambeau_server: ServerFactory) -> None:
     assert ok.status == 200
     # An inference key is no management key.
     wrong = server.request(
-        "GET", "management", "/models", headers={"Authorization": f"Bearer {keys['inference']['key']}"}
+        "GET",
+        "management",
+        "/models",
+        headers={"Authorization": f"Bearer {keys['inference']['key']}"},
     )
     assert wrong.status == 400
     good = server.request(
-        "GET", "management", "/models", headers={"Authorization": f"Bearer {keys['management']['key']}"}
+        "GET",
+        "management",
+        "/models",
+        headers={"Authorization": f"Bearer {keys['management']['key']}"},
     )
     assert good.status == 200
     assert oct(os.stat(server.workdir / "key_file.json").st_mode & 0o777) == "0o600"
@@ -79,8 +85,19 @@ def hello_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("src") / "hello_plugin"
     shutil.copytree(ROOT / "tests" / "data" / "hello_plugin", source)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
     )
     return target
@@ -89,16 +106,22 @@ def hello_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_third_party_plugin_is_found_by_entry_point(
     flambeau_server: ServerFactory, hello_plugin_site: Path
 ) -> None:
-    env = {"PYTHONPATH": os.pathsep.join([str(hello_plugin_site), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hello_plugin_site), os.environ.get("PYTHONPATH", "")])
+    }
     server = flambeau_server(args=["--disable-token-auth"], env=env)
     hello = server.request("GET", "inference", "/hello")
     assert hello.status == 200
     assert hello.json() == {"hello": "world"}
-    listing = subprocess.run([*CLI, "plugins"], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        [*CLI, "plugins"], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
     assert "hello  (flambeau-hello 1.2.3)" in listing.stdout
     blocked = flambeau_server(args=["--disable-token-auth", "-p", "no:hello"], env=env)
     assert blocked.request("GET", "inference", "/hello").status == 404
-    no_autoload = flambeau_server(args=["--disable-token-auth", "--disable-plugin-autoload"], env=env)
+    no_autoload = flambeau_server(
+        args=["--disable-token-auth", "--disable-plugin-autoload"], env=env
+    )
     assert no_autoload.request("GET", "inference", "/hello").status == 404
 
 
@@ -117,11 +140,19 @@ def test_start_daemonizes_and_stop_leaves_nothing(tmp_path: Path) -> None:
         f"management_address=http://127.0.0.1:{ports[1]}\n"
         f"metrics_address=http://127.0.0.1:{ports[2]}\n"
     )
-    env = {**os.environ, "FLAMBEAU_PID_FILE": str(tmp_path / "pid"), "LOG_LOCATION": str(tmp_path / "logs")}
+    env = {
+        **os.environ,
+        "FLAMBEAU_PID_FILE": str(tmp_path / "pid"),
+        "LOG_LOCATION": str(tmp_path / "logs"),
+    }
     started = time.monotonic()
     result = subprocess.run(
         [*CLI, "start", "--model-store", str(store), "--ncs", "--disable-token-auth"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Model server started."
@@ -131,11 +162,19 @@ def test_start_daemonizes_and_stop_leaves_nothing(tmp_path: Path) -> None:
     pid = int((tmp_path / "pid").read_text())
     assert psutil.pid_exists(pid)
     print(f"start to first /ping: {elapsed:.3f}s")
-    again = subprocess.run([*CLI, "start", "--model-store", str(store)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [*CLI, "start", "--model-store", str(store)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 1
     assert "already running" in again.stdout
-    stop = subprocess.run([*CLI, "stop"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    stop = subprocess.run(
+        [*CLI, "stop"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
     assert stop.returncode == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (tmp_path / "pid").exists()
@@ -150,9 +189,14 @@ def test_start_daemonizes_and_stop_leaves_nothing(tmp_path: Path) -> None:
     ],
 )
 def test_start_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    env = {**os.environ, "FLAMBEAU_PID_FILE": str(tmp_path / "pid"), "LOG_LOCATION": str(tmp_path / "logs")}
-    result = subprocess.run([*CLI, "start", *args], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    env = {
+        **os.environ,
+        "FLAMBEAU_PID_FILE": str(tmp_path / "pid"),
+        "LOG_LOCATION": str(tmp_path / "logs"),
+    }
+    result = subprocess.run(
+        [*CLI, "start", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -163,11 +207,23 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        (tmp_path / "config.properties").write_text(f"inference_address=http://127.0.0.1:{port}\n"
-                                                    "management_address=http://127.0.0.1:0\n"
-                                                    "metrics_address=http://127.0.0.1:0\n")
-        env = {**os.environ, "FLAMBEAU_PID_FILE": str(tmp_path / "pid"), "LOG_LOCATION": str(tmp_path / "logs")}
-        result = subprocess.run([*CLI, "start", "--model-store", ".", "--ncs", "--disable-token-auth"],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        (tmp_path / "config.properties").write_text(
+            f"inference_address=http://127.0.0.1:{port}\n"
+            "management_address=http://127.0.0.1:0\n"
+            "metrics_address=http://127.0.0.1:0\n"
+        )
+        env = {
+            **os.environ,
+            "FLAMBEAU_PID_FILE": str(tmp_path / "pid"),
+            "LOG_LOCATION": str(tmp_path / "logs"),
+        }
+        result = subprocess.run(
+            [*CLI, "start", "--model-store", ".", "--ncs", "--disable-token-auth"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode != 0
     assert f"inference_address: cannot listen on 127.0.0.1:{port}" in result.stderr

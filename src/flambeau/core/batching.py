@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flambeau.api import (
     FlambeauError,
+    Job,
     RequestTimeoutError,
     ServiceUnavailableError,
     WorkerRequest,
@@ -107,9 +108,9 @@ class JobQueue:
         self._nonempty.clear()
         return None
 
-    def requeue(self, jobs: list[InferenceJob]) -> None:
+    def requeue(self, jobs: Sequence[Job]) -> None:
         """Put popped jobs back at the front in their order (may exceed capacity briefly)."""
-        self._jobs.extendleft(reversed(jobs))
+        self._jobs.extendleft(reversed([job for job in jobs if isinstance(job, InferenceJob)]))
         if self._jobs:
             self._nonempty.set()
 

@@ -50,11 +50,16 @@ def _plugin_flags(argv: Sequence[str]) -> tuple[list[str], bool]:
 
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-p", dest="plugins", action="append", default=[], metavar="MODULE|no:NAME",
+        "-p",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE|no:NAME",
         help="load a plugin module, or block a plugin by name (no:NAME)",
     )
     parser.add_argument(
-        "--disable-plugin-autoload", action="store_true",
+        "--disable-plugin-autoload",
+        action="store_true",
         help="load only flambeau's builtin plugins (also FLAMBEAU_DISABLE_PLUGIN_AUTOLOAD=1)",
     )
 
@@ -62,16 +67,31 @@ def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
 def _add_start_args(parser: argparse.ArgumentParser, options: Sequence[CliOption]) -> None:
     parser.add_argument("--model-store", help="directory holding model archives")
     parser.add_argument("--workflow-store", help="directory holding workflow archives")
-    parser.add_argument("--models", nargs="+", metavar="[NAME=]ARCHIVE", help="models to load, or all")
+    parser.add_argument(
+        "--models", nargs="+", metavar="[NAME=]ARCHIVE", help="models to load, or all"
+    )
     parser.add_argument("--ts-config", help="config.properties file")
     parser.add_argument("--log-config", help="Python logging config (.json, .yaml or .ini)")
-    parser.add_argument("--ncs", "--no-config-snapshots", dest="ncs", action="store_true",
-                        help="do not write or restore config snapshots")
+    parser.add_argument(
+        "--ncs",
+        "--no-config-snapshots",
+        dest="ncs",
+        action="store_true",
+        help="do not write or restore config snapshots",
+    )
     parser.add_argument("--foreground", action="store_true", help="serve in this process")
-    parser.add_argument("--disable-token-auth", "--dt", dest="disable_token_auth",
-                        action="store_true", help="turn token authentication off")
-    parser.add_argument("--enable-model-api", action="store_true",
-                        help="allow registering and unregistering models through the API")
+    parser.add_argument(
+        "--disable-token-auth",
+        "--dt",
+        dest="disable_token_auth",
+        action="store_true",
+        help="turn token authentication off",
+    )
+    parser.add_argument(
+        "--enable-model-api",
+        action="store_true",
+        help="allow registering and unregistering models through the API",
+    )
     parser.add_argument("--ready-file", help="write the bound addresses here (JSON) when ready")
     for option in options:
         kwargs: dict[str, object] = {"help": option.help}
@@ -154,9 +174,17 @@ def _start_daemon(argv: Sequence[str], args: argparse.Namespace) -> int:
         print(f"Model server is already running (pid {pid}), please use flambeau stop first.")
         return 1
     ready = Path(args.ready_file or Path(tempfile.mkdtemp(prefix="flambeau-start-")) / "ready.json")
-    child_argv = [a for a in argv if a != "--ready-file" and a != args.ready_file]
-    cmd = [sys.executable, "-m", "flambeau.core.cli", *child_argv, "--foreground",
-           "--ready-file", str(ready), "--daemon-child"]
+    child_argv = [a for a in argv if a not in {"--ready-file", args.ready_file}]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flambeau.core.cli",
+        *child_argv,
+        "--foreground",
+        "--ready-file",
+        str(ready),
+        "--daemon-child",
+    ]
     log_path = Path(os.environ.get("LOG_LOCATION", "logs"))
     log_path.mkdir(parents=True, exist_ok=True)
     with open(log_path / "ts_stdout.log", "ab") as out:
@@ -173,8 +201,10 @@ def _start_daemon(argv: Sequence[str], args: argparse.Namespace) -> int:
         if child.poll() is not None:
             pid_file().unlink(missing_ok=True)
             message = error_file.read_text().strip() if error_file.exists() else ""
-            print(f"flambeau: error: {message or 'server exited during start-up, see logs/'}",
-                  file=sys.stderr)
+            print(
+                f"flambeau: error: {message or 'server exited during start-up, see logs/'}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.02)
     print("flambeau: error: server did not become ready within 120 s", file=sys.stderr)
@@ -247,10 +277,20 @@ def list_plugins(plugins: PluginSet) -> int:
     config = _Config.load(cli={}, environ={})
     hooks = plugins.hooks
     # Ask the registration hooks once so that every plugin's strategies are attributed.
-    for collect in (hooks.routes, hooks.listeners, hooks.authenticators, hooks.authorizers,
-                    hooks.batchers, hooks.envelopes, hooks.allocators, hooks.worker_backends,
-                    hooks.metrics_sinks, hooks.device_discovery, hooks.model_preparers,
-                    hooks.grpc_services):
+    for collect in (
+        hooks.routes,
+        hooks.listeners,
+        hooks.authenticators,
+        hooks.authorizers,
+        hooks.batchers,
+        hooks.envelopes,
+        hooks.allocators,
+        hooks.worker_backends,
+        hooks.metrics_sinks,
+        hooks.device_discovery,
+        hooks.model_preparers,
+        hooks.grpc_services,
+    ):
         with contextlib.suppress(Exception):
             collect(config)
     hooks.handlers()
@@ -278,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     if first in commands and first not in {"start", "stop", "plugins"}:
         index = argv.index(first)
-        return commands[first].main(argv[index + 1:])
+        return commands[first].main(argv[index + 1 :])
     parser = build_parser(plugins)
     args = parser.parse_args(argv)
     args.daemon_child = daemon_child

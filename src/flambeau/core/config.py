@@ -91,7 +91,7 @@ def parse_properties(text: str) -> dict[str, str]:
     logical: list[str] = []
     pending = ""
     for raw in text.splitlines():
-        line = raw.lstrip() if not pending else raw.lstrip()
+        line = raw.lstrip()
         if not pending and (not line or line[0] in "#!"):
             continue
         # An odd number of trailing backslashes continues the line.
@@ -188,9 +188,9 @@ class Config:
             source = str(path)
             for key, value in parse_properties(text).items():
                 values[key] = substitute_env(value, key, env)
-        for key, value in (cli or {}).items():
-            if value is not None:
-                values[key] = value
+        for key, cli_value in (cli or {}).items():
+            if cli_value is not None:
+                values[key] = cli_value
         if values.get("enable_envvars_config", "false").lower() in _TRUE:
             for key in list(values) + [k for k in DEFAULTS if k not in values]:
                 if key in FILE_ONLY_KEYS:

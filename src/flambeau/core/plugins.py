@@ -37,8 +37,8 @@ from flambeau.api import (
     HandlerSpec,
     ListenerSpec,
     MetricsSinkSpec,
-    PreparerSpec,
     PluginError,
+    PreparerSpec,
     RouteSpec,
     WorkerBackendSpec,
 )

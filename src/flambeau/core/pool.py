@@ -155,10 +155,12 @@ class WorkerPool:
                 continue
             if slot.status == "READY":
                 healthy += 1
-            elif slot.first_failure is not None:
+            elif (
+                slot.first_failure is not None
+                and now - slot.first_failure < self.settings.max_retry_timeout_s
+            ):
                 # A worker that died recently still counts while it is being retried.
-                if now - slot.first_failure < self.settings.max_retry_timeout_s:
-                    healthy += 1
+                healthy += 1
         return healthy
 
     def ready_count(self) -> int:
@@ -216,7 +218,9 @@ class WorkerPool:
         if time.time() - slot.first_failure < self.settings.max_retry_timeout_s:
             return True
         slot.status = "FAILED"
-        log.error("%s worker %s: giving up after %d failures", self.name, slot.worker_id, slot.failures)
+        log.error(
+            "%s worker %s: giving up after %d failures", self.name, slot.worker_id, slot.failures
+        )
         return False
 
     def _note_failure(self, slot: WorkerSlot, reason: str) -> None:
@@ -255,7 +259,9 @@ class WorkerPool:
         slot.start_time = time.time()
         slot.first_failure = None
         self._resolve_started(slot, True)
-        log.info("%s worker %s ready (pid %s, %s)", self.name, slot.worker_id, worker.pid, worker.device)
+        log.info(
+            "%s worker %s ready (pid %s, %s)", self.name, slot.worker_id, worker.pid, worker.device
+        )
         return worker
 
     async def _stop_worker(self, slot: WorkerSlot, worker: Worker) -> None:

@@ -122,7 +122,9 @@ class Server:
         if authz_name in authz_specs:
             authorizer = authz_specs[authz_name].factory(self)
         else:
-            log.warning("authorizer %r not provided by any plugin: every route is refused", authz_name)
+            log.warning(
+                "authorizer %r not provided by any plugin: every route is refused", authz_name
+            )
             authorizer = _DenyAll()
         return Security(authenticators, authorizer)
 
@@ -223,15 +225,25 @@ class Server:
             m.family(name, "counter", "Count", ("Level", "Hostname"))
         labels = ("model_name", "model_version", "hostname")
         self._req_total = m.family("ts_inference_requests_total", "counter", "Count", labels)
-        self._latency = m.family("ts_inference_latency_microseconds", "counter", "Microseconds", labels)
-        self._queue_latency = m.family("ts_queue_latency_microseconds", "counter", "Microseconds", labels)
+        self._latency = m.family(
+            "ts_inference_latency_microseconds", "counter", "Microseconds", labels
+        )
+        self._queue_latency = m.family(
+            "ts_queue_latency_microseconds", "counter", "Microseconds", labels
+        )
         self._queue_time = m.family("QueueTime", "gauge", "Milliseconds", ("Level", "Hostname"))
         self._batch_size = m.family(
-            "flambeau_batch_size", "histogram", "Count", ("model_name", "model_version"),
+            "flambeau_batch_size",
+            "histogram",
+            "Count",
+            ("model_name", "model_version"),
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
         self._handler_time = m.family(
-            "flambeau_batch_seconds", "histogram", "Seconds", ("model_name", "model_version"),
+            "flambeau_batch_seconds",
+            "histogram",
+            "Seconds",
+            ("model_name", "model_version"),
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
 
@@ -252,13 +264,17 @@ class Server:
             int(1000 * request.request_time()),
         )
 
-    def observe_prediction(self, name: str, version: str | None, total_s: float, queue_s: float) -> None:
+    def observe_prediction(
+        self, name: str, version: str | None, total_s: float, queue_s: float
+    ) -> None:
         labels = (name, version or "default", HOSTNAME)
         self._req_total.inc(labels)
         self._latency.inc(labels, total_s * 1e6)
         self._queue_latency.inc(labels, queue_s * 1e6)
 
-    def observe_batch(self, name: str, version: str, size: int, queued_s: float, took_s: float) -> None:
+    def observe_batch(
+        self, name: str, version: str, size: int, queued_s: float, took_s: float
+    ) -> None:
         self._queue_time.set(("Host", HOSTNAME), queued_s * 1000)
         self._batch_size.observe((name, version), size)
         self._handler_time.observe((name, version), took_s)
@@ -276,9 +292,13 @@ class Server:
             if spec.listener not in listeners:
                 continue
             if not (isinstance(spec.handler, type) and issubclass(spec.handler, ApiHandler)):
-                raise ConfigError(f"route {spec.pattern}: handler must subclass flambeau.web.ApiHandler")
+                raise ConfigError(
+                    f"route {spec.pattern}: handler must subclass flambeau.web.ApiHandler"
+                )
             kwargs = dict(spec.kwargs)
-            kwargs.update(route=spec, security=self.security, server=self, max_request_size=max_request)
+            kwargs.update(
+                route=spec, security=self.security, server=self, max_request_size=max_request
+            )
             rules.append(tornado.web.url(spec.pattern, spec.handler, kwargs, name=spec.name))
         fallback = RouteSpec(".*", NotFoundHandler, listener=sorted(listeners)[0], public=True)
         return tornado.web.Application(
@@ -380,36 +400,44 @@ class Server:
         for http_server in self._http_servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(http_server.close_all_connections(), 5)
+        self._remove_ready_file()
+
+    def _remove_ready_file(self) -> None:
         if self.ready_file:
             with contextlib.suppress(OSError):
                 Path(self.ready_file).unlink()
 
     async def _load_startup_models(self) -> None:
-        spec = self.config.get_str("load_models").strip()
-        store = self.config.model_store
-        if not spec or store is None:
-            return
-        entries: list[tuple[str | None, str]] = []
-        if spec.lower() == "all":
-            for path in sorted(store.iterdir()):
-                if path.name.startswith("."):
-                    continue
-                if path.is_dir() or path.name.endswith((".mar", ".model", ".tar.gz", ".tgz")):
-                    entries.append((None, path.name))
-        else:
-            for item in spec.split(","):
-                item = item.strip()
-                if not item:
-                    continue
-                name, sep, location = item.partition("=")
-                entries.append((name, location) if sep else (None, item))
-        for name, location in entries:
+        for name, location in self._startup_entries():
             params = RegisterParams(url=location, model_name=name, loaded_at_startup=True)
             try:
                 _, message = await self.models.register(params)
                 log.info("%s", message)
             except Exception as exc:
-                log.error("failed to load %s at start-up: %s", location, getattr(exc, "message", exc))
+                log.error(
+                    "failed to load %s at start-up: %s", location, getattr(exc, "message", exc)
+                )
+
+    def _startup_entries(self) -> list[tuple[str | None, str]]:
+        """``load_models``: ``all`` (every archive and directory in the store) or a comma list
+        of ``[name=]location``."""
+        spec = self.config.get_str("load_models").strip()
+        store = self.config.model_store
+        if not spec or store is None:
+            return []
+        if spec.lower() == "all":
+            return [
+                (None, path.name)
+                for path in sorted(store.iterdir())
+                if not path.name.startswith(".")
+                and (path.is_dir() or path.name.endswith((".mar", ".model", ".tar.gz", ".tgz")))
+            ]
+        entries: list[tuple[str | None, str]] = []
+        for item in (part.strip() for part in spec.split(",")):
+            if item:
+                name, sep, location = item.partition("=")
+                entries.append((name, location) if sep else (None, item))
+        return entries
 
     def _write_ready_file(self) -> None:
         if not self.ready_file:

@@ -98,9 +98,18 @@ class ServerProcess:
         config_path.write_text("".join(f"{k}={v}\n" for k, v in merged.items()))
         self.log_dir = workdir / "logs"
         cmd = [
-            sys.executable, "-m", "flambeau.core.cli", "start", "--foreground",
-            "--model-store", str(model_store), "--ts-config", str(config_path),
-            "--ready-file", str(self.ready_file), *args,
+            sys.executable,
+            "-m",
+            "flambeau.core.cli",
+            "start",
+            "--foreground",
+            "--model-store",
+            str(model_store),
+            "--ts-config",
+            str(config_path),
+            "--ready-file",
+            str(self.ready_file),
+            *args,
         ]
         child_env = {
             **os.environ,
@@ -110,7 +119,11 @@ class ServerProcess:
         }
         self.output = (workdir / "server.out").open("wb")
         self.process = subprocess.Popen(
-            cmd, cwd=workdir, env=child_env, stdout=self.output, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=workdir,
+            env=child_env,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.addresses = self._wait_ready(timeout)
@@ -144,10 +157,8 @@ class ServerProcess:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever is left in the server's session (workers) must not outlive the test.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
