@@ -295,6 +295,8 @@ class WorkerPool:
                 slot.busy = False
             if not alive:
                 return
+            # A worker that served a batch is healthy again: the next crash restarts at once.
+            slot.failures = 0
 
     async def _run_batch(self, worker: Worker, batch: list[InferenceJob]) -> bool:
         """Run one batch; False when the worker must be replaced."""
