@@ -142,7 +142,8 @@ async def test_cancelling_a_strategy_mid_batch_requeues_its_jobs() -> None:
     queue.put(make_job(queue, 1))
     task = asyncio.create_task(TorchServeBatcher().next_batch(queue, 8, 1.0))
     await settle()
-    assert len(queue) == 0 and not task.done()
+    assert len(queue) == 0
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -229,7 +230,8 @@ async def test_every_future_is_resolved_exactly_once_under_crashes() -> None:
     ok = [r for r in results if isinstance(r, WorkerResponse)]
     failed = [r for r in results if isinstance(r, Exception)]
     assert len(ok) + len(failed) == 200
-    assert failed and all("Worker died." in str(e) for e in failed)
+    assert failed
+    assert all("Worker died." in str(e) for e in failed)
     assert all(r.body == r.request_id.encode() for r in ok)  # each got its own answer
     await pool.stop()
     assert pool.slots == []
