@@ -48,6 +48,19 @@ def _plugin_flags(argv: Sequence[str]) -> tuple[list[str], bool]:
     return flags, disable
 
 
+def _first_positional(argv: Sequence[str]) -> str | None:
+    """The sub-command name: the first argument that is neither a flag nor a ``-p`` value."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "-p":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-p",
@@ -315,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flambeau: error: {exc}", file=sys.stderr)
         return 2
     commands = {c.name: c for c in plugins.hooks.commands()}
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first = _first_positional(argv)
     if first in commands and first not in {"start", "stop", "plugins"}:
         index = argv.index(first)
         return commands[first].main(argv[index + 1 :])
