@@ -133,3 +133,9 @@ def test_blocking_a_builtin_removes_its_routes() -> None:
     assert any(
         p.startswith("/ping") for p in (s.pattern for s in load_plugins().hooks.routes(None))
     )
+
+
+def test_dash_p_of_an_entry_point_module_is_a_no_op() -> None:
+    plugins = load_plugins(PluginOptions.from_flags(["flambeau.plugins.builtin.ping"]))
+    assert [i.name for i in plugins.infos.values()].count("ping") == 1
+    assert "flambeau.plugins.builtin.ping" not in plugins.infos

@@ -162,8 +162,12 @@ class PluginSet:
                 distribution=cand.distribution,
                 version=cand.version,
             )
+        registered_modules = {info.module for info in self.infos.values()}
         for module_name in options.extra_modules:
+            # Like pytest, naming a module that an entry point already loaded is a no-op.
             if module_name in options.blocked or module_name in self.infos:
+                continue
+            if module_name in registered_modules:
                 continue
             self.register_module(
                 _import_plugin(module_name, module_name, "-p"), name=module_name, distribution="-p"
