@@ -31,6 +31,7 @@ from flambeau.api import (
     PayloadTooLargeError,
     RouteSpec,
 )
+from flambeau.core.logs import REQUEST_ID
 from flambeau.errors import METHOD_NOT_ALLOWED
 
 log = logging.getLogger("flambeau.web")
@@ -84,6 +85,8 @@ class ApiHandler(tornado.web.RequestHandler):
         self._chunks: list[bytes] = []
         self._received = 0
         self.identity = None
+        # Tornado set the default headers before the server was known; add the server's now.
+        self._set_server_headers()
         self.setup(**kwargs)
 
     def setup(self, **kwargs: Any) -> None:
@@ -92,12 +95,24 @@ class ApiHandler(tornado.web.RequestHandler):
             raise TypeError(f"{type(self).__name__} got unexpected route kwargs {sorted(kwargs)}")
 
     def set_default_headers(self) -> None:
-        self.request_id = str(uuid.uuid4())
+        # Called by Tornado before ``initialize`` and again when an error clears the response:
+        # the request keeps the one id that its log lines carry.
+        if not hasattr(self, "request_id"):
+            self.request_id = str(uuid.uuid4())
+            REQUEST_ID.set(self.request_id)
         self.set_header("x-request-id", self.request_id)
         for name, value in _NO_CACHE_HEADERS:
             self.set_header(name, value)
         self.clear_header("Server")
         self.clear_header("Content-Type")
+        self._set_server_headers()
+
+    def _set_server_headers(self) -> None:
+        """Headers every response carries by configuration (CORS), precomputed by plugins as
+        ``server.response_headers``."""
+        server = getattr(self, "server", None)
+        for name, value in getattr(server, "response_headers", ()):
+            self.set_header(name, value)
 
     def compute_etag(self) -> None:
         # API responses are dynamic; hashing every body would only cost time.

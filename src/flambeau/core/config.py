@@ -61,7 +61,7 @@ DEFAULTS: dict[str, str] = {
     "device_allocator": "round_robin",
     "authenticator": "token",
     "authorizer": "roles",
-    "metrics_sinks": "prometheus,log",
+    "metrics_sinks": "log",
     "drain_timeout": "30",
 }
 

@@ -1,14 +1,15 @@
 """Logging set-up: TorchServe's log files in ``logs/`` (or ``LOG_LOCATION``), with rotation.
 
-``ts_log.log`` holds the server log, ``access_log.log`` one line per HTTP request,
-``model_log.log`` what workers print, ``ts_metrics.log`` / ``model_metrics.log`` metric lines.
+``ts_log.log`` holds the server log (lines about a request carry its ``x-request-id``),
+``access_log.log`` one line per HTTP request, ``model_log.log`` what workers print,
+``ts_metrics.log`` / ``model_metrics.log`` metric lines, each in TorchServe's log4j2 pattern.
 ``--log-config`` replaces all of it with a Python logging configuration (a ``.json`` or
-``.yaml`` dictConfig, or an ``.ini`` fileConfig), since TorchServe's log4j2 XML has no
-meaning here.
+``.yaml`` dictConfig, or an ``.ini`` fileConfig), since TorchServe's log4j2 XML has no meaning here.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import logging.config
@@ -17,11 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from flambeau.api import ConfigError
 
-FORMAT = "%(asctime)s [%(levelname)s] %(name)s - %(message)s"
+# The id of the request being served; set by flambeau.web for each request, inherited by the
+# tasks that request starts.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("flambeau_request_id", default="")
+
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"  # log4j2's %d{ISO8601}, with ",SSS" added by the formats
+FORMAT = "%(asctime)s,%(msecs)03d [%(levelname)-5s] %(name)s%(request_tag)s - %(message)s"
+BARE_FORMAT = "%(asctime)s,%(msecs)03d - %(message)s"  # TorchServe's access and metrics logs
 FILES = {
     "flambeau": "ts_log.log",
     "flambeau.access": "access_log.log",
@@ -29,8 +34,49 @@ FILES = {
     "flambeau.metrics.frontend": "ts_metrics.log",
     "flambeau.metrics.model": "model_metrics.log",
 }
-MAX_BYTES = 10 * 1024 * 1024
+BARE = frozenset({"flambeau.access", "flambeau.metrics.frontend", "flambeau.metrics.model"})
+# TorchServe's log4j2.xml rolls each file at 100 MB and keeps 5 of them.
+MAX_BYTES = 100 * 1024 * 1024
 BACKUPS = 5
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (or ``""``) and ``request_tag`` (`` [<id>]`` or ``""``) to records.
+
+    Usable from a ``--log-config`` dictConfig as ``{"()": "flambeau.core.logs.RequestIdFilter"}``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return True
+
+
+class SizeRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler that counts what it writes.
+
+    The standard one stats, seeks and formats twice for every record to decide on rotation;
+    access and metric lines are written on every request, so this one keeps the size itself.
+    """
+
+    def __init__(self, filename: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(filename, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._size = os.path.getsize(filename) if os.path.exists(filename) else 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            if self.maxBytes > 0 and self._size + len(line) > self.maxBytes and self._size:
+                self.doRollover()
+                self._size = 0
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write(line)
+            self.stream.flush()
+            self._size += len(line)
+        except Exception:
+            self.handleError(record)
 
 
 def log_dir() -> Path:
@@ -44,23 +90,25 @@ def configure_logging(*, log_config: str | None = None, foreground: bool = False
         _apply_user_config(Path(log_config))
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter(FORMAT)
+    request_ids = RequestIdFilter()
+    formatter = logging.Formatter(FORMAT, DATE_FORMAT)
+    bare = logging.Formatter(BARE_FORMAT, DATE_FORMAT)
     for logger_name, file_name in FILES.items():
         logger = logging.getLogger(logger_name)
         logger.setLevel(logging.INFO)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
-        handler = logging.handlers.RotatingFileHandler(
-            directory / file_name, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8"
-        )
-        handler.setFormatter(formatter)
+        handler = SizeRotatingFileHandler(directory / file_name, MAX_BYTES, BACKUPS)
+        handler.setFormatter(bare if logger_name in BARE else formatter)
+        handler.addFilter(request_ids)
         logger.addHandler(handler)
         if logger_name != "flambeau":
-            logger.propagate = False  # keep access and model lines out of the server log
+            logger.propagate = False  # keep access, model and metric lines out of the server log
     if foreground:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(formatter)
+        console.addFilter(request_ids)
         logging.getLogger("flambeau").addHandler(console)
     return directory
 
@@ -72,6 +120,8 @@ def _apply_user_config(path: Path) -> None:
         if path.suffix in {".json"}:
             logging.config.dictConfig(json.loads(path.read_text()))
         elif path.suffix in {".yaml", ".yml"}:
+            import yaml
+
             logging.config.dictConfig(yaml.safe_load(path.read_text()))
         else:
             logging.config.fileConfig(path, disable_existing_loggers=False)
