@@ -116,6 +116,8 @@ class Server:
         if variant == "torchserve-tuned":
             self.env["OMP_NUM_THREADS"] = "1"
         self.env["FLAMBEAU_PID_FILE"] = str(self.workdir / "flambeau.pid")
+        # TorchServe writes its pid file to $TMPDIR/.model_server.pid: keep it ours.
+        self.env["TMPDIR"] = str(self.workdir)
 
     def start(self) -> float:
         args = [
@@ -151,18 +153,24 @@ class Server:
         raise RuntimeError(f"{self.variant} never served {self.model}")
 
     def processes(self) -> tuple[psutil.Process | None, list[psutil.Process]]:
-        """The frontend process and the worker processes."""
-        frontend = None
-        workers = []
-        for proc in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "org.pytorch.serve.ModelServer" in cmdline or "flambeau.core.cli" in cmdline:
-                frontend = proc
-            elif "model_service_worker" in cmdline or "workers.worker_main" in cmdline:
-                workers.append(proc)
+        """This server's frontend process and its worker processes (its descendants only:
+        other servers on the machine are none of our business)."""
+        pid_file = self.workdir / (
+            ".model_server.pid" if self.variant.startswith("torchserve") else "flambeau.pid"
+        )
+        try:
+            frontend = psutil.Process(int(pid_file.read_text().strip()))
+            workers = [
+                child
+                for child in frontend.children(recursive=True)
+                if "python" in (child.name() or "")
+            ]
+        except (OSError, ValueError, psutil.Error):
+            return None, []
         return frontend, workers
 
     def stop(self) -> None:
+        frontend, workers = self.processes()
         if self.variant.startswith("torchserve"):
             cmd = [str(self.ts_bin / "torchserve"), "--stop"]
         else:
@@ -175,8 +183,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # Leave nothing behind for the next variant (ports, CPU).
-        frontend, workers = self.processes()
+        # Leave nothing of this server behind for the next variant (ports, CPU).
         for proc in [p for p in [frontend, *workers] if p is not None]:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
