@@ -42,6 +42,7 @@ from flambeau.errors import (
 )
 
 __all__ = [
+    "ENVELOPE_ROW_HEADER",
     "PROJECT",
     "AllocatorSpec",
     "AuthenticatorSpec",
@@ -53,8 +54,10 @@ __all__ = [
     "CommandSpec",
     "ConfigError",
     "ConflictError",
+    "Decoded",
     "Device",
     "DeviceDiscoverySpec",
+    "Envelope",
     "EnvelopeSpec",
     "FlambeauError",
     "ForbiddenError",
@@ -69,6 +72,7 @@ __all__ = [
     "MetricsSinkSpec",
     "ModelLoadSpec",
     "ModelNotFoundError",
+    "ModelRef",
     "ModelVersionNotFoundError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -326,12 +330,49 @@ class Allocator(Protocol):
     def release(self, device: Device, model: str) -> None: ...
 
 
+ENVELOPE_ROW_HEADER = "flambeau_envelope"
+"""Header an envelope sets on every row it decodes (value: the envelope's name): the worker is
+to give the handler the decoded value of the row's single input as its ``data`` row, as
+TorchServe's envelopes do, instead of a ``{input_name: value}`` dict."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The model version a request is served by, as an envelope needs to name it."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One client request after :meth:`Envelope.decode`: the rows for the handler.
+
+    Each row is queued as a request of its own (so the batcher may put the rows of several
+    clients into one handler call, and every one is served); ``state`` is whatever the
+    envelope needs again in :meth:`Envelope.encode` (opaque to the core).
+    """
+
+    request: WorkerRequest
+    model: ModelRef
+    rows: tuple[WorkerRequest, ...]
+    state: Any = None
+
+
 class Envelope(Protocol):
-    """Translates a protocol's request/response shape (KServe, Seldon, Vertex) to a handler's."""
+    """Translates one protocol's wire shape (Vertex, KServe v1/v2, Seldon) to a handler's.
 
-    def decode(self, request: WorkerRequest) -> WorkerRequest: ...
+    Runs in the server process, around the batch queue: ``decode`` turns one client request
+    into the handler's rows (one per instance or input tensor, each carrying
+    :data:`ENVELOPE_ROW_HEADER`), ``encode`` turns those rows' responses (same order) into the
+    one answer, and ``render_error`` renders any :class:`FlambeauError` in the protocol's own
+    error shape as ``(status, content type, body)``. ``decode`` raises
+    :class:`BadRequestError` for a malformed payload; nothing is queued then.
+    """
 
-    def encode(self, request: WorkerRequest, response: WorkerResponse) -> WorkerResponse: ...
+    def decode(self, request: WorkerRequest, model: ModelRef) -> Decoded: ...
+
+    def encode(self, decoded: Decoded, responses: Sequence[WorkerResponse]) -> WorkerResponse: ...
 
     def render_error(self, error: FlambeauError) -> tuple[int, str, bytes]: ...
 

@@ -18,7 +18,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flambeau.api import BatchResult, MetricRecord, ModelLoadSpec, RequestInput, WorkerRequest
+from flambeau.api import (
+    ENVELOPE_ROW_HEADER,
+    BatchResult,
+    MetricRecord,
+    ModelLoadSpec,
+    RequestInput,
+    WorkerRequest,
+)
 from flambeau.handler.context import Context, RequestProcessor
 from flambeau.handler.deps import split_file_list, unpack_dependencies
 from flambeau.handler.devices import is_out_of_memory, limit_gpu_memory, select_device
@@ -201,9 +208,9 @@ class ModelService:
 
     def _prepare(
         self, requests: Sequence[WorkerRequest]
-    ) -> tuple[list[dict[str, Any]], list[RequestProcessor], dict[int, str]]:
+    ) -> tuple[list[Any], list[RequestProcessor], dict[int, str]]:
         decode = self.spec.decode_input_request
-        input_batch: list[dict[str, Any]] = []
+        input_batch: list[Any] = []
         processors: list[RequestProcessor] = []
         id_map: dict[int, str] = {}
         for idx, request in enumerate(requests):
@@ -214,7 +221,12 @@ class ModelService:
                 model_in[inp.name] = decode_input(inp.value, inp.content_type, decode)
                 headers[inp.name] = {"content-type": inp.content_type}
             headers.update(request.headers)
-            input_batch.append(model_in)
+            if ENVELOPE_ROW_HEADER in request.headers and len(request.inputs) == 1:
+                # A server-side envelope decoded this row: the handler gets it bare, as
+                # TorchServe's worker-side envelopes hand rows over.
+                input_batch.append(model_in[request.inputs[0].name])
+            else:
+                input_batch.append(model_in)
             processors.append(RequestProcessor(headers))
             id_map[idx] = request.request_id
         return input_batch, processors, id_map
