@@ -167,10 +167,52 @@ class WorkerPool:
         return sum(1 for s in self.slots if s.status == "READY" and not s.retired)
 
     def describe(self) -> list[dict[str, Any]]:
+        """TorchServe's worker rows; a GPU worker's ``gpuUsage`` is its GPU's NVML readings
+        in nvidia-smi's words, as TorchServe reports them."""
+        gpu_ids = {
+            slot.worker_id: int(slot.worker.device.partition(":")[2] or 0)
+            for slot in self.slots
+            if slot.worker is not None and slot.worker.device.startswith("cuda")
+        }
+        usage: dict[int, str] = {}
+        if gpu_ids:
+            import os
+
+            try:
+                # Only a server with GPU workers gets here, so NVML is loaded where a GPU is.
+                import pynvml
+
+                pynvml.nvmlInit()
+            except Exception as exc:
+                log.warning("gpuUsage unavailable: %s", exc)
+            else:
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                order = [v.strip() for v in visible.split(",")] if visible is not None else []
+                try:
+                    for index in set(gpu_ids.values()):
+                        # Workers number GPUs as CUDA does; NVML ignores CUDA_VISIBLE_DEVICES.
+                        name = order[index] if index < len(order) else str(index)
+                        handle = (
+                            pynvml.nvmlDeviceGetHandleByIndex(int(name))
+                            if name.isdigit()
+                            else pynvml.nvmlDeviceGetHandleByUUID(name)
+                        )
+                        rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+                        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // 2**20
+                        usage[index] = (
+                            f"gpuId::{index} utilization.gpu [%]::{rates.gpu} % "
+                            f"utilization.memory [%]::{rates.memory} % "
+                            f"memory.used [MiB]::{used} MiB"
+                        )
+                except Exception as exc:
+                    log.warning("gpuUsage unavailable: %s", exc)
+                finally:
+                    with contextlib.suppress(Exception):
+                        pynvml.nvmlShutdown()
         rows = []
         for slot in self.slots:
             worker = slot.worker
-            gpu = bool(worker and worker.device.startswith("cuda"))
+            gpu_id = gpu_ids.get(slot.worker_id)
             rows.append(
                 {
                     "id": slot.worker_id,
@@ -178,8 +220,8 @@ class WorkerPool:
                     "status": slot.status if slot.status != "STARTING" else "UNLOADING",
                     "memoryUsage": worker.memory_usage() if worker else 0,
                     "pid": (worker.pid or -1) if worker else -1,
-                    "gpu": gpu,
-                    "gpuUsage": "N/A",
+                    "gpu": gpu_id is not None,
+                    "gpuUsage": usage.get(gpu_id, "N/A") if gpu_id is not None else "N/A",
                 }
             )
         return rows

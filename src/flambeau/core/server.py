@@ -38,16 +38,17 @@ from flambeau.api import (
     Batcher,
     ConfigError,
     Device,
+    FlambeauError,
     MetricRecord,
     RouteSpec,
     WorkerBackend,
     WorkerSpec,
 )
 from flambeau.core.config import Address, Config
-from flambeau.core.metrics import HOSTNAME, Metrics
+from flambeau.core.metrics import EXTRA, HOSTNAME, LATENCY_BUCKETS, Metrics
 from flambeau.core.models import ModelManager, cpu_count, python_for
 from flambeau.core.plugins import PluginSet, named
-from flambeau.core.settings import RegisterParams, startup_default_workers
+from flambeau.core.settings import startup_default_workers
 from flambeau.web import ApiHandler, NotFoundHandler, Security
 
 log = logging.getLogger("flambeau.server")
@@ -173,21 +174,56 @@ class Server:
     # ------------------------------------------------------------------ workers
 
     def worker_spec(self, mv: Any, worker_id: str) -> WorkerSpec:
-        """Everything a backend needs for one worker of ``mv``: device, threads, env."""
-        device = self._allocate(mv)
-        gpu_id = device.index if device.kind == "cuda" else None
+        """Everything a backend needs for one worker of ``mv``: device, cores, threads, env.
+
+        CPU placement (``cpu_placement``, per model ``cpuPlacement``) keeps N workers from
+        oversubscribing C cores: ``on`` (default) gives each worker C/N cores (at least one),
+        pinned, with that many intra-op threads; ``threads`` only sizes the thread pools;
+        ``off`` leaves torch's defaults, as TorchServe does. ``intraOpThreads`` in the
+        model-config sets the thread count (and, with ``on``, the number of cores pinned).
+        """
+        settings = mv.settings
+        raw = settings.extra.get("cpuPlacement")
+        if isinstance(raw, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            raw = "on" if raw else "off"
+        mode = str(raw or self.config.get_str("cpu_placement") or "on").strip().lower()
+        if mode not in ("on", "threads", "off"):
+            log.warning("%s: unknown cpuPlacement %r, using 'on'", mv.name, mode)
+            mode = "on"
         total_workers = sum(v.pool.target for v in self.models.all_versions()) or 1
-        threads = mv.settings.intra_op_threads or max(1, cpu_count() // total_workers)
+        share = settings.intra_op_threads or max(1, cpu_count() // total_workers)
+        try:
+            device = self._allocate(mv, cores=share if mode == "on" else 0)
+        except FlambeauError as exc:
+            # Raised from the worker's start-up path: say why here, the pool only sees it fail.
+            log.error("%s_%s worker %s: %s", mv.name, mv.version, worker_id, exc.message)
+            raise
+        gpu_id = device.index if device.kind == "cuda" else None
+        affinity = device.cores if device.kind == "cpu" else ()
+        threads = settings.intra_op_threads or ((len(affinity) or share) if mode != "off" else 0)
         env = {k: v for k, v in os.environ.items() if not self._blacklisted(k)}
-        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        if threads:
+            # OpenMP/MKL size their pools from these before torch is told anything.
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        log.info(
+            "%s_%s worker %s: %s, cores %s, %s intra-op threads (cpu_placement=%s)",
+            mv.name,
+            mv.version,
+            worker_id,
+            device.name,
+            list(affinity) or "any",
+            threads or "default",
+            mode,
+        )
         return WorkerSpec(
             worker_id=worker_id,
             load=self.models.load_spec(mv, gpu_id, threads),
             device=device.name,
             python=python_for(mv),
             env=env,
+            cpu_affinity=affinity,
             log_dir=self.log_dir,
-            startup_timeout_s=float(mv.settings.startup_timeout_s),
+            startup_timeout_s=float(settings.startup_timeout_s),
             max_response_bytes=self.config.get_int("max_response_size", 6553500),
         )
 
@@ -195,22 +231,29 @@ class Server:
         pattern = self.config.get_str("blacklist_env_vars")
         return bool(pattern) and re.fullmatch(pattern, key) is not None
 
-    def _allocate(self, mv: Any) -> Device:
-        wants_gpu = mv.settings.device_type != "cpu"
-        if self._allocator is None or not wants_gpu:
+    def _allocate(self, mv: Any, cores: int = 0) -> Device:
+        """The allocator's device for the next worker of ``mv``; on the CPU it carries the
+        ``cores`` pinned for it (none when ``cores`` is 0 or no allocator is loaded)."""
+        if self._allocator is None:
             return Device("cpu")
         config = {
+            "modelVersion": mv.version,
             "deviceType": mv.settings.device_type,
             "deviceIds": list(mv.settings.device_ids),
             "maxGPUMemory": mv.settings.max_gpu_memory_mb,
             "number_of_gpu": self.gpu_count(),
+            "cpuCores": cores,
         }
-        return self._allocator.allocate(self.devices, mv.name, config)
+        device: Device = self._allocator.allocate(self.devices, mv.name, config)
+        return device
 
     def release_device(self, spec: WorkerSpec) -> None:
-        if self._allocator is not None and spec.device != "cpu":
-            kind, _, index = spec.device.partition(":")
-            self._allocator.release(Device(kind, int(index or 0)), spec.load.model_name)
+        """Give a stopped worker's GPU share or pinned cores back to the allocator."""
+        if self._allocator is None or (spec.device == "cpu" and not spec.cpu_affinity):
+            return
+        kind, _, index = spec.device.partition(":")
+        device = Device(kind, int(index or 0), cores=spec.cpu_affinity if kind == "cpu" else ())
+        self._allocator.release(device, spec.load.model_name)
 
     async def prepare_environment(self, mv: Any) -> None:
         """Per-model preparation (requirements), in plugin order, before workers start."""
@@ -221,8 +264,10 @@ class Server:
 
     def _request_families(self) -> None:
         m = self.metrics
-        for name in ("Requests2XX", "Requests4XX", "Requests5XX"):
-            m.family(name, "counter", "Count", ("Level", "Hostname"))
+        self._requests = {
+            level: m.family(f"Requests{level}", "counter", "Count", ("Level", "Hostname"))
+            for level in ("2XX", "4XX", "5XX")
+        }
         labels = ("model_name", "model_version", "hostname")
         self._req_total = m.family("ts_inference_requests_total", "counter", "Count", labels)
         self._latency = m.family(
@@ -232,31 +277,52 @@ class Server:
             "ts_queue_latency_microseconds", "counter", "Microseconds", labels
         )
         self._queue_time = m.family("QueueTime", "gauge", "Milliseconds", ("Level", "Hostname"))
+        # flambeau's own histograms: exposed in prometheus mode, never logged.
+        per_model = ("model_name", "model_version")
+        self._request_seconds = m.family(
+            "flambeau_request_seconds",
+            "histogram",
+            "Seconds",
+            per_model,
+            buckets=LATENCY_BUCKETS,
+            origin=EXTRA,
+        )
+        self._queue_seconds = m.family(
+            "flambeau_queue_seconds",
+            "histogram",
+            "Seconds",
+            per_model,
+            buckets=LATENCY_BUCKETS,
+            origin=EXTRA,
+        )
         self._batch_size = m.family(
             "flambeau_batch_size",
             "histogram",
             "Count",
-            ("model_name", "model_version"),
+            per_model,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            origin=EXTRA,
         )
         self._handler_time = m.family(
             "flambeau_batch_seconds",
             "histogram",
             "Seconds",
-            ("model_name", "model_version"),
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            per_model,
+            buckets=LATENCY_BUCKETS,
+            origin=EXTRA,
         )
 
     def observe_response(self, handler: ApiHandler) -> None:
         status = handler.get_status()
-        level = "Requests2XX" if status < 300 else "Requests4XX" if status < 500 else "Requests5XX"
-        if 300 <= status < 400:
-            level = "Requests2XX"
-        self.metrics.families[level].inc(("Host", HOSTNAME))
+        # TorchServe's classes: 2xx, 4xx, and everything else counts as 5XX.
+        level = "2XX" if 200 <= status < 300 else "4XX" if 400 <= status < 500 else "5XX"
+        self._requests[level].inc(("Host", HOSTNAME))
         request = handler.request
+        address = getattr(getattr(request.connection, "context", None), "address", None)
+        peer = f"/{address[0]}:{address[1]}" if isinstance(address, tuple) else f"/{address or ''}"
         access_log.info(
             '%s "%s %s %s" %d %d',
-            request.remote_ip,
+            peer,
             request.method,
             request.uri,
             request.version,
@@ -271,11 +337,13 @@ class Server:
         self._req_total.inc(labels)
         self._latency.inc(labels, total_s * 1e6)
         self._queue_latency.inc(labels, queue_s * 1e6)
+        self._request_seconds.observe(labels[:2], total_s)
 
     def observe_batch(
         self, name: str, version: str, size: int, queued_s: float, took_s: float
     ) -> None:
         self._queue_time.set(("Host", HOSTNAME), queued_s * 1000)
+        self._queue_seconds.observe((name, version), queued_s)
         self._batch_size.observe((name, version), size)
         self._handler_time.observe((name, version), took_s)
 
@@ -288,7 +356,10 @@ class Server:
     def _application(self, listeners: set[str]) -> tornado.web.Application:
         max_request = self.config.get_int("max_request_size", 6553500)
         rules = []
-        for spec in self.routes:
+        # On a shared address inference routes come first, as in TorchServe's handler chain,
+        # so that /models/{m}/invoke is not taken for a management path.
+        order = {"inference": 0, "management": 1, "metrics": 2}
+        for spec in sorted(self.routes, key=lambda r: order.get(r.listener, 3)):
             if spec.listener not in listeners:
                 continue
             if not (isinstance(spec.handler, type) and issubclass(spec.handler, ApiHandler)):
@@ -408,15 +479,9 @@ class Server:
                 Path(self.ready_file).unlink()
 
     async def _load_startup_models(self) -> None:
-        for name, location in self._startup_entries():
-            params = RegisterParams(url=location, model_name=name, loaded_at_startup=True)
-            try:
-                _, message = await self.models.register(params)
-                log.info("%s", message)
-            except Exception as exc:
-                log.error(
-                    "failed to load %s at start-up: %s", location, getattr(exc, "message", exc)
-                )
+        # The model manager registers them, or what a plugin supplies instead (snapshots:
+        # ModelManager.set_startup_source), and then tells its listeners "startup".
+        await self.models.load_startup_models(self._startup_entries())
 
     def _startup_entries(self) -> list[tuple[str | None, str]]:
         """``load_models``: ``all`` (every archive and directory in the store) or a comma list

@@ -1,8 +1,9 @@
-"""Effective per-model-version settings, merged with TorchServe's precedence.
+"""Effective per-model-version settings, merged from their four sources.
 
 Sources: register parameters, the archive's model-config.yaml, the ``models=`` JSON of
-config.properties, and server defaults. Wrongly typed yaml values are ignored with a warning,
-as TorchServe does; unknown keys stay for the handler (``context.model_yaml_config``).
+config.properties, and server defaults. Wrongly typed yaml values are ignored with a warning
+and out-of-range ones clamped, as TorchServe's ``ModelConfig`` does; unknown keys stay for the
+handler (``context.model_yaml_config``). docs/configuration.md tells the precedence per key.
 """
 
 from __future__ import annotations
@@ -19,9 +20,24 @@ from flambeau.core.config import Config
 
 log = logging.getLogger("flambeau.models")
 
+# The register/scale/snapshot names of the settings a caller may pin (snapshot restore).
+OVERRIDABLE = frozenset(
+    {
+        "min_workers",
+        "max_workers",
+        "batch_size",
+        "max_batch_delay_ms",
+        "response_timeout_s",
+        "startup_timeout_s",
+        "parallel_level",
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
+    """What one model version runs with, after every source was applied."""
+
     min_workers: int = 1
     max_workers: int = 1
     batch_size: int = 1
@@ -39,6 +55,10 @@ class ModelSettings:
     use_job_ticket: bool = False
     continuous_batching: bool = False
     stateful: bool = False
+    sequence_max_idle_ms: int = 0
+    sequence_timeout_ms: int = 0
+    max_num_sequence: int = 0
+    max_sequence_job_queue_size: int = 0
     batching_strategy: str = ""
     worker_backend: str = ""
     envelope: str = ""
@@ -49,19 +69,70 @@ class ModelSettings:
     def with_workers(self, min_workers: int, max_workers: int) -> ModelSettings:
         return replace(self, min_workers=min_workers, max_workers=max_workers)
 
-
-def _yaml_int(cfg: Mapping[str, Any], key: str, model: str) -> int | None:
-    if key not in cfg:
-        return None
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        log.warning("model %s: ignoring %s=%r in model-config (not an integer)", model, key, value)
-        return None
-    return value
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ModelSettings:
+        """Pin some settings (a restored snapshot); unknown names are a programming error."""
+        unknown = set(overrides) - OVERRIDABLE
+        if unknown:
+            raise ValueError(f"settings cannot be overridden: {', '.join(sorted(unknown))}")
+        return replace(self, **dict(overrides))
 
 
-def _yaml_bool(cfg: Mapping[str, Any], key: str) -> bool:
-    return cfg.get(key) is True
+class _Yaml:
+    """Typed reads of one model-config mapping, warning once per ignored key."""
+
+    def __init__(self, cfg: Mapping[str, Any], model: str) -> None:
+        self.cfg = cfg
+        self.model = model
+
+    def _ignore(self, key: str, why: str) -> None:
+        log.warning(
+            "model %s: ignoring %s=%r in model-config (%s)", self.model, key, self.cfg[key], why
+        )
+
+    def get_int(self, key: str) -> int | None:
+        if key not in self.cfg:
+            return None
+        value = self.cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._ignore(key, "not an integer")
+            return None
+        return value
+
+    def positive(self, key: str) -> int | None:
+        value = self.get_int(key)
+        if value is not None and value <= 0:
+            self._ignore(key, "must be greater than 0")
+            return None
+        return value
+
+    def get_bool(self, key: str) -> bool:
+        if key not in self.cfg:
+            return False
+        value = self.cfg[key]
+        if not isinstance(value, bool):
+            self._ignore(key, "not a boolean")
+            return False
+        return value
+
+    def get_str(self, key: str) -> str:
+        value = self.cfg.get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            self._ignore(key, "not a string")
+            return ""
+        return value
+
+    def int_list(self, key: str) -> tuple[int, ...]:
+        value = self.cfg.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+        ):
+            self._ignore(key, "not a list of device ids")
+            return ()
+        return tuple(value)
 
 
 def _models_json(config: Config, model: str, version: str) -> Mapping[str, Any]:
@@ -78,8 +149,26 @@ def _models_json(config: Config, model: str, version: str) -> Mapping[str, Any]:
     return per_version if isinstance(per_version, dict) else {}
 
 
+def _json_int(data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _first(*candidates: int | None, default: int) -> int:
+    for candidate in candidates:
+        if candidate is not None:
+            return candidate
+    return default
+
+
 def _positive(value: int | None) -> int | None:
     return value if value is not None and value > 0 else None
+
+
+def _non_negative(value: int | None) -> int | None:
+    return value if value is not None and value >= 0 else None
 
 
 def merge_settings(
@@ -91,92 +180,125 @@ def merge_settings(
     params: RegisterParams,
     default_workers: int,
 ) -> ModelSettings:
-    """Apply the precedence rules; see docs/configuration.md."""
-    cfg = yaml_config
+    """Apply the precedence rules of docs/configuration.md.
+
+    Batching and timeouts: register parameter > model-config > ``models=`` JSON > server
+    default. Workers: a valid model-config ``minWorkers``/``maxWorkers`` pair > register
+    ``initial_workers`` > (start-up models only) ``models=`` JSON > ``default_workers``.
+    """
+    yml = _Yaml(yaml_config, model)
     js = _models_json(config, model, version)
-    system = cfg.get("system") if isinstance(cfg.get("system"), Mapping) else {}
 
-    def pick(*candidates: int | None, default: int) -> int:
-        for candidate in candidates:
-            if candidate is not None:
-                return candidate
-        return default
-
-    batch_size = pick(
+    yaml_batch = yml.get_int("batchSize")
+    yaml_delay = yml.get_int("maxBatchDelay")
+    batch_size = _first(
         _positive(params.batch_size),
-        _positive(_yaml_int(cfg, "batchSize", model)),
-        _positive(js.get("batchSize")),
+        # TorchServe's ModelConfig clamps batchSize to >= 1 and maxBatchDelay to >= 0.
+        None if yaml_batch is None else max(1, yaml_batch),
+        _positive(_json_int(js, "batchSize")),
         default=1,
     )
-    max_delay = pick(
-        params.max_batch_delay if params.max_batch_delay is not None and params.max_batch_delay >= 0 else None,
-        _yaml_int(cfg, "maxBatchDelay", model),
-        js.get("maxBatchDelay"),
+    max_delay = _first(
+        _non_negative(params.max_batch_delay),
+        None if yaml_delay is None else max(0, yaml_delay),
+        _non_negative(_json_int(js, "maxBatchDelay")),
         default=100,
     )
-    response_timeout = pick(
+    response_timeout = _first(
         _positive(params.response_timeout),
-        _positive(_yaml_int(cfg, "responseTimeout", model)),
-        _positive(js.get("responseTimeout")),
+        yml.positive("responseTimeout"),
+        _positive(_json_int(js, "responseTimeout")),
         default=config.get_int("default_response_timeout", 120),
     )
-    startup_timeout = pick(
+    startup_timeout = _first(
         _positive(params.startup_timeout),
-        _positive(_yaml_int(cfg, "startupTimeout", model)),
-        _positive(js.get("startupTimeout")),
+        yml.positive("startupTimeout"),
+        _positive(_json_int(js, "startupTimeout")),
         default=config.get_int("default_startup_timeout", 120),
     )
-    yaml_min = _yaml_int(cfg, "minWorkers", model)
-    yaml_max = _yaml_int(cfg, "maxWorkers", model)
-    if yaml_min is not None and yaml_min > 0 and yaml_max is not None and yaml_max >= yaml_min:
-        min_w, max_w = yaml_min, yaml_max
-    elif js.get("minWorkers") is not None and params.initial_workers is None:
-        min_w = int(js["minWorkers"])
-        max_w = max(min_w, int(js.get("maxWorkers", min_w)))
-    else:
-        n = params.initial_workers if params.initial_workers is not None else default_workers
-        min_w = max_w = max(0, n)
-    device_ids = cfg.get("deviceIds")
-    if not (isinstance(device_ids, list) and all(isinstance(i, int) for i in device_ids)):
-        device_ids = []
-    queue_size = _positive(_yaml_int(cfg, "jobQueueSize", model)) or config.get_int(
-        "job_queue_size", 100
-    )
-    threads = _yaml_int(cfg, "intraOpThreads", model) or 0
+    min_w, max_w = _workers(yml, js, params, default_workers)
+
+    parallel_type = yml.get_str("parallelType")
+    parallel_level = yml.get_int("parallelLevel") or 0
+    if not parallel_type or parallel_level <= 0:
+        # TorchServe keeps a parallel level only together with a parallel type.
+        parallel_level = 0
+    stateful = yml.get_bool("sequenceBatching")
+    seq_idle = max(0, yml.get_int("sequenceMaxIdleMSec") or 0)
+    seq_queue = max_sequences = 0
+    if seq_idle > 0:
+        seq_queue = max(1, yml.get_int("maxSequenceJobQueueSize") or 1)
+        max_sequences = max(1, yml.get_int("maxNumSequence") or 1, batch_size * max_w)
+    system = yaml_config.get("system")
     max_gpu_memory = system.get("maxGPUMemory") if isinstance(system, Mapping) else None
     return ModelSettings(
         min_workers=min_w,
         max_workers=max_w,
-        batch_size=max(1, batch_size),
-        max_batch_delay_ms=max(0, max_delay),
+        batch_size=batch_size,
+        max_batch_delay_ms=max_delay,
         response_timeout_s=response_timeout,
         startup_timeout_s=startup_timeout,
-        max_retry_timeout_s=_yaml_int(cfg, "maxRetryTimeoutInSec", model) or 300,
-        client_timeout_ms=max(0, _yaml_int(cfg, "clientTimeoutInMills", model) or 0),
-        job_queue_size=queue_size,
-        device_type=str(cfg.get("deviceType", "") or ""),
-        device_ids=tuple(device_ids),
-        parallel_type=str(cfg.get("parallelType", "") or ""),
-        parallel_level=_yaml_int(cfg, "parallelLevel", model) or 0,
-        use_venv=_yaml_bool(cfg, "useVenv"),
-        use_job_ticket=_yaml_bool(cfg, "useJobTicket"),
-        continuous_batching=_yaml_bool(cfg, "continuousBatching"),
-        stateful=_yaml_bool(cfg, "sequenceBatching"),
-        batching_strategy=str(cfg.get("batchingStrategy", "") or ""),
-        worker_backend=str(cfg.get("workerBackend", "") or ""),
-        envelope=str(cfg.get("envelope", "") or ""),
-        intra_op_threads=max(0, threads),
-        max_gpu_memory_mb=int(max_gpu_memory) if isinstance(max_gpu_memory, int) else 0,
-        extra=cfg,
+        max_retry_timeout_s=max(0, _first(yml.get_int("maxRetryTimeoutInSec"), default=300)),
+        client_timeout_ms=max(0, yml.get_int("clientTimeoutInMills") or 0),
+        job_queue_size=yml.positive("jobQueueSize") or config.get_int("job_queue_size", 100),
+        device_type=yml.get_str("deviceType").lower(),
+        device_ids=yml.int_list("deviceIds"),
+        parallel_type=parallel_type,
+        parallel_level=parallel_level,
+        use_venv=yml.get_bool("useVenv"),
+        use_job_ticket=yml.get_bool("useJobTicket"),
+        continuous_batching=yml.get_bool("continuousBatching"),
+        stateful=stateful,
+        sequence_max_idle_ms=seq_idle,
+        sequence_timeout_ms=max(0, yml.get_int("sequenceTimeoutMSec") or 0),
+        max_num_sequence=max_sequences,
+        max_sequence_job_queue_size=seq_queue,
+        batching_strategy=yml.get_str("batchingStrategy"),
+        worker_backend=yml.get_str("workerBackend"),
+        envelope=yml.get_str("envelope"),
+        intra_op_threads=max(0, yml.get_int("intraOpThreads") or 0),
+        max_gpu_memory_mb=max_gpu_memory if isinstance(max_gpu_memory, int) else 0,
+        extra=yaml_config,
     )
 
 
+def _workers(
+    yml: _Yaml, js: Mapping[str, Any], params: RegisterParams, default_workers: int
+) -> tuple[int, int]:
+    yaml_min = yml.get_int("minWorkers")
+    yaml_max = yml.get_int("maxWorkers")
+    if yaml_min is not None and yaml_max is not None:
+        # ModelConfig clamps minWorkers to >= 1 and maxWorkers to >= 0, then the pair is used
+        # only when it is consistent.
+        low, high = max(1, yaml_min), max(0, yaml_max)
+        if high >= low:
+            return low, high
+    if params.initial_workers is not None:
+        count = max(0, params.initial_workers)
+        return count, count
+    json_min = _json_int(js, "minWorkers")
+    if params.loaded_at_startup and json_min is not None and json_min >= 0:
+        return json_min, max(json_min, _json_int(js, "maxWorkers") or json_min)
+    count = max(0, default_workers)
+    return count, count
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity and cpusets, like Java's availableProcessors)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def startup_default_workers(config: Config, gpu_count: int) -> int:
-    """Workers for a model loaded at start-up: TorchServe's default_workers_per_model, else one
-    per GPU, else one per CPU core."""
+    """Workers for a model loaded at start-up when nothing else says: TorchServe's
+    ``default_workers_per_model``, else one per GPU, else one per usable CPU (1 in debug)."""
     configured = config.get_int("default_workers_per_model", 0)
     if configured > 0:
         return configured
+    if config.get_bool("debug", False):
+        return 1
     if gpu_count > 0:
         return gpu_count
-    return os.cpu_count() or 1
+    return max(1, usable_cpus())

@@ -1,24 +1,24 @@
-"""TorchServe's REST inference API: ``/predictions``, ``/explanations`` and the API description.
+"""TorchServe's REST inference API: predictions, explanations, SageMaker and legacy routes.
 
-A request becomes one :class:`~flambeau.api.WorkerRequest`: form fields (multipart or
-urlencoded) are named inputs, any other body is the single input ``body`` with the request's
-media type; every header travels, plus ``explain`` and ``url_path``. The worker's status,
-reason, content type and headers are returned as they are. A handler that streams
-(``send_intermediate_predict_response``) turns the answer into a chunked response, one chunk
-per partial. A client that goes away before its request runs is dropped from the queue.
+Form fields become named inputs, any other body the input ``body``; every header travels, plus
+``explain`` and ``url_path``. The handler's status, headers and body come back as they are,
+streamed partials as chunks; a client that leaves before its request runs is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from http import HTTPStatus
 from typing import Any
 
 import tornado.httputil
+import tornado.iostream
 
 from flambeau.api import (
     BadRequestError,
+    FlambeauError,
     RequestInput,
     RouteSpec,
     WorkerRequest,
@@ -28,8 +28,13 @@ from flambeau.api import (
 from flambeau.plugins.builtin.openapi import document_for, model_inference_document
 from flambeau.web import ApiHandler
 
+log = logging.getLogger("flambeau.inference")
+
 MODEL = r"(?P<model_name>[^/]+)"
+VERSION = r"(?:/(?P<version>[^/]+))?"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Framing headers belong to this connection, not to the handler's answer.
+HOP_BY_HOP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
 def parse_inputs(content_type_header: str, body: bytes, headers: Any) -> list[RequestInput]:
@@ -39,7 +44,7 @@ def parse_inputs(content_type_header: str, body: bytes, headers: Any) -> list[Re
         arguments: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
         tornado.httputil.parse_body_arguments(content_type_header, body, arguments, files, headers)
-        if not arguments and not files and body:
+        if not arguments and not files and body.strip():
             raise BadRequestError("Invalid form data")
         inputs = [RequestInput(k, v) for k, values in arguments.items() for v in values]
         inputs.extend(
@@ -52,18 +57,24 @@ def parse_inputs(content_type_header: str, body: bytes, headers: Any) -> list[Re
 
 
 def reason_for(status: int, reason: str) -> str:
-    if reason or status in HTTPStatus._value2member_map_:
+    """The handler's phrase; else the standard one (TorchServe sends an empty phrase, which
+    Tornado cannot), else Netty's ``Server Error (N)`` for a code without one."""
+    if reason:
         return reason
-    return f"Server Error ({status})" if status >= 500 else f"Unknown ({status})"
+    if status in HTTPStatus._value2member_map_:
+        return HTTPStatus(status).phrase
+    kind = {1: "Informational", 2: "Success", 3: "Redirection", 4: "Client Error"}
+    return f"{kind.get(status // 100, 'Server Error')} ({status})"
 
 
 class PredictionHandler(ApiHandler):
-    """``/predictions/{model}[/{version}[/extra]]`` and ``/explanations/...`` (any method)."""
+    """Every inference route (any HTTP method but OPTIONS runs the model)."""
 
-    explain = "False"
-
-    def setup(self, explain: bool = False) -> None:
-        self.explain = "True" if explain else "False"
+    def setup(self, **kwargs: Any) -> None:
+        self.explain = "True" if kwargs.pop("explain", False) else "False"
+        # SageMaker and legacy routes also pass query parameters as inputs; /predictions not.
+        self.query_inputs = bool(kwargs.pop("query_inputs", False))
+        super().setup(**kwargs)
         self._future: asyncio.Future[WorkerResponse] | None = None
         self._streaming = False
 
@@ -72,34 +83,61 @@ class PredictionHandler(ApiHandler):
         if self._future is not None and not self._future.done():
             self._future.cancel()
 
-    async def options(self, model_name: str, version: str | None = None, extra: str | None = None) -> None:
+    async def options(
+        self, model_name: str | None = None, version: str | None = None, extra: str | None = None
+    ) -> None:
+        if model_name is None:
+            raise BadRequestError("Parameter model_name is required.")
         mv = self.server.models.get(model_name, version)
         self.send_json(model_inference_document(mv.name, self.server))
 
-    async def post(self, model_name: str, version: str | None = None, extra: str | None = None) -> None:
+    async def post(
+        self, model_name: str | None = None, version: str | None = None, extra: str | None = None
+    ) -> None:
         request = self.request
         headers = dict(request.headers)
         headers["explain"] = self.explain
         headers["url_path"] = extra or ""
-        work = WorkerRequest(
-            self.request_id,
-            headers,
-            parse_inputs(request.headers.get("Content-Type", ""), self.body, request.headers),
-        )
-        models = self.server.models
+        inputs = parse_inputs(request.headers.get("Content-Type", ""), self.body, request.headers)
+        if self.query_inputs:
+            inputs.extend(
+                RequestInput(name, value)
+                for name, values in request.query_arguments.items()
+                for value in values
+            )
+        model_name = model_name or self._invocation_model(inputs)
+        work = WorkerRequest(self.request_id, headers, inputs)
         started = time.monotonic()
-        self._future = models.submit(model_name, version or None, work, self._on_partial)
+        self._future = self.server.models.submit(model_name, version, work, self._on_partial)
         self.server.track_request(1)
         try:
             response = await self._future
         except asyncio.CancelledError:
             return
+        except FlambeauError as error:
+            if not self._streaming:
+                raise
+            # Headers and chunks are out: the only honest signal left is a cut connection.
+            log.warning("request %s failed while streaming: %s", self.request_id, error.message)
+            self.request.connection.close()  # type: ignore[union-attr]
+            return
         finally:
             self.server.track_request(-1)
             self.server.observe_prediction(model_name, version, time.monotonic() - started, 0.0)
-        self._send(response, final=True)
+        await self._send(response)
 
     get = put = delete = patch = post
+
+    def _invocation_model(self, inputs: list[RequestInput]) -> str:
+        """``/invocations``: ``model_name`` from a parameter or form field, else the only model
+        loaded at start-up (TorchServe's SageMaker rule)."""
+        for item in inputs:
+            if item.name == "model_name" and item.value:
+                return item.value.decode("utf-8", "replace")
+        startup = {mv.name for mv in self.server.models.all_versions() if mv.loaded_at_startup}
+        if len(startup) == 1:
+            return startup.pop()
+        raise BadRequestError("Parameter model_name is required.")
 
     def _on_partial(self, response: WorkerResponse) -> None:
         if self._finished:
@@ -109,32 +147,44 @@ class PredictionHandler(ApiHandler):
             self._start_response(response)
         if response.body:
             self.write(response.body)
-        self.flush()
+        future = self.flush()
+        future.add_done_callback(_ignore_closed)
 
     def _start_response(self, response: WorkerResponse) -> None:
         self.set_status(response.status, reason_for(response.status, response.reason))
         if response.content_type:
             self.set_header("Content-Type", response.content_type)
         for name, value in response.headers.items():
-            self.set_header(name, value)
+            if name.lower() not in HOP_BY_HOP:
+                self.set_header(name, value)
 
-    def _send(self, response: WorkerResponse, *, final: bool) -> None:
+    async def _send(self, response: WorkerResponse) -> None:
         if self._finished:
             return
+        body: bytes | None = None
         if self._streaming:
             if response.body:
-                self.write(response.body)
-            self.finish()
-            return
-        self._start_response(response)
-        self.finish(response.body)
+                self.write(response.body)  # the last chunk
+        else:
+            self._start_response(response)
+            body = response.body
+        try:
+            await self.finish(body)
+        except tornado.iostream.StreamClosedError:
+            log.debug("request %s: client went away before the answer", self.request_id)
+
+
+def _ignore_closed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("streamed chunk not delivered: %s", future.exception())
 
 
 class DescriptionHandler(ApiHandler):
     """``OPTIONS /`` and any method on ``/api-description``: the OpenAPI document."""
 
-    def setup(self, listener_name: str = "inference") -> None:
-        self.listener_name = listener_name
+    def setup(self, **kwargs: Any) -> None:
+        self.listener_name = str(kwargs.pop("listener_name", "inference"))
+        super().setup(**kwargs)
 
     async def get(self) -> None:
         self.send_json(document_for(self.listener_name, self.server))
@@ -145,7 +195,7 @@ class DescriptionHandler(ApiHandler):
 class RootHandler(DescriptionHandler):
     """``/``: only OPTIONS is defined (TorchServe answers 405 to anything else)."""
 
-    SUPPORTED_METHODS = ("OPTIONS",)  # type: ignore[assignment]
+    SUPPORTED_METHODS = ("OPTIONS",)
 
     async def options(self) -> None:
         await DescriptionHandler.get(self)
@@ -153,18 +203,17 @@ class RootHandler(DescriptionHandler):
 
 @hookimpl
 def flambeau_routes(config: Any) -> list[RouteSpec]:
-    version = r"(?:/(?P<version>[^/]+))?"
     extra = r"(?:/(?P<extra>.+?))?"
+
+    def route(pattern: str, **kwargs: Any) -> RouteSpec:
+        return RouteSpec(pattern, PredictionHandler, permission="inference", kwargs=kwargs)
+
     return [
-        RouteSpec(
-            rf"/predictions/{MODEL}{version}{extra}/?", PredictionHandler, permission="inference"
-        ),
-        RouteSpec(
-            rf"/explanations/{MODEL}{version}/?",
-            PredictionHandler,
-            permission="inference",
-            kwargs={"explain": True},
-        ),
+        route(rf"/predictions/{MODEL}{VERSION}{extra}/?"),
+        route(rf"/explanations/{MODEL}{VERSION}/?", explain=True),
+        route(r"/invocations/?", query_inputs=True),
+        route(rf"/models/{MODEL}/invoke/?", query_inputs=True),
+        route(rf"/{MODEL}{VERSION}/predict/?", query_inputs=True),
         RouteSpec(r"/api-description/?", DescriptionHandler, public=True),
         RouteSpec(r"/", RootHandler, public=True),
     ]
