@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flambeau import __version__
@@ -28,6 +29,30 @@ from flambeau.core.plugins import PluginOptions, PluginSet, load_plugins
 
 PID_ENV = "FLAMBEAU_PID_FILE"
 STARTED = "Model server started."
+
+
+@dataclass(frozen=True, slots=True)
+class CliMessages:
+    """What ``start`` and ``stop`` print on stdout; an empty string prints nothing.
+
+    The ``torchserve`` compatibility command passes TorchServe's wording, which scripts grep
+    for. ``already_running`` may use ``{pid}``.
+    """
+
+    started: str = STARTED
+    already_running: str = (
+        "Model server is already running (pid {pid}), please use flambeau stop first."
+    )
+    not_running: str = "Model server is not currently running."
+    stopped: str = "Model server has stopped."
+
+
+MESSAGES = CliMessages()
+
+
+def _say(message: str, **fields: object) -> None:
+    if message:
+        print(message.format(**fields), flush=True)
 
 
 def pid_file() -> Path:
@@ -182,9 +207,11 @@ def _running_pid() -> int | None:
     return pid
 
 
-def _start_daemon(argv: Sequence[str], args: argparse.Namespace) -> int:
+def _start_daemon(
+    argv: Sequence[str], args: argparse.Namespace, messages: CliMessages = MESSAGES
+) -> int:
     if (pid := _running_pid()) is not None:
-        print(f"Model server is already running (pid {pid}), please use flambeau stop first.")
+        _say(messages.already_running, pid=pid)
         return 1
     ready = Path(args.ready_file or Path(tempfile.mkdtemp(prefix="flambeau-start-")) / "ready.json")
     child_argv = [a for a in argv if a not in {"--ready-file", args.ready_file}]
@@ -209,7 +236,7 @@ def _start_daemon(argv: Sequence[str], args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if ready.exists():
-            print(STARTED, flush=True)
+            _say(messages.started)
             return 0
         if child.poll() is not None:
             pid_file().unlink(missing_ok=True)
@@ -224,10 +251,10 @@ def _start_daemon(argv: Sequence[str], args: argparse.Namespace) -> int:
     return 1
 
 
-def stop_server(timeout: float = 60.0) -> int:
+def stop_server(timeout: float = 60.0, messages: CliMessages = MESSAGES) -> int:
     pid = _running_pid()
     if pid is None:
-        print("Model server is not currently running.")
+        _say(messages.not_running)
         return 1
     try:
         pgid = os.getpgid(pid)
@@ -245,7 +272,7 @@ def stop_server(timeout: float = 60.0) -> int:
     pid_file().unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path("key_file.json").unlink()
-    print("Model server has stopped.")
+    _say(messages.stopped)
     return 0
 
 
@@ -267,12 +294,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def serve_foreground(args: argparse.Namespace, plugins: PluginSet, config: Config) -> int:
+def serve_foreground(
+    args: argparse.Namespace, plugins: PluginSet, config: Config, messages: CliMessages = MESSAGES
+) -> int:
     from flambeau.core.logs import configure_logging
     from flambeau.core.server import Server
 
     configure_logging(log_config=args.log_config, foreground=not args.daemon_child)
-    announce = None if args.daemon_child else lambda: print(STARTED, flush=True)
+    announce = None if args.daemon_child else lambda: _say(messages.started)
     server = Server(config, plugins, ready_file=args.ready_file, on_ready=announce)
     if not args.daemon_child:
         pid_file().write_text(str(os.getpid()))
@@ -316,7 +345,7 @@ def list_plugins(plugins: PluginSet) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, messages: CliMessages = MESSAGES) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags, disable = _plugin_flags(argv)
     daemon_child = "--daemon-child" in argv
@@ -336,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.daemon_child = daemon_child
     if args.command == "stop":
-        return stop_server()
+        return stop_server(messages=messages)
     if args.command == "plugins":
         return list_plugins(plugins)
     if args.command != "start":
@@ -345,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if not args.foreground:
-            return _start_daemon(argv, args)
-        return serve_foreground(args, plugins, config)
+            return _start_daemon(argv, args, messages)
+        return serve_foreground(args, plugins, config, messages)
     except (ConfigError, PluginError) as exc:
         if daemon_child and args.ready_file:
             Path(args.ready_file + ".error").write_text(str(exc))

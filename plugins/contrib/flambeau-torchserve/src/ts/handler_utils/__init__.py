@@ -1,0 +1,1 @@
+"""``ts.handler_utils``: streaming (``utils``) and handler timing (``timer``) helpers."""

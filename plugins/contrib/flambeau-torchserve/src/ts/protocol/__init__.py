@@ -1,0 +1,1 @@
+"""``ts.protocol``: kept for the old import path of the streaming helper."""
