@@ -81,3 +81,11 @@ def test_addresses() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         Config.load(file=tmp_path / "nope.properties")
+
+
+def test_java_escapes_as_torchserve_writes_them() -> None:
+    text = "inference_address=http\\://127.0.0.1\\:8080\nkey\\ with\\ space = v\\u0041\\tz\n"
+    assert parse_properties(text) == {
+        "inference_address": "http://127.0.0.1:8080",
+        "key with space": "vA\tz",
+    }

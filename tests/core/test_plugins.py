@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flambeau.api import PluginError, RouteSpec
+from flambeau.core.config import Config
 from flambeau.core.plugins import (
     BUILTIN_DISTRIBUTION,
     PluginOptions,
@@ -126,13 +127,12 @@ def test_dash_p_adds_a_module(plugin_modules: Path) -> None:
 
 
 def test_blocking_a_builtin_removes_its_routes() -> None:
+    config = Config.load(environ={})
     plugins = load_plugins(PluginOptions.from_flags(["no:ping"]))
-    patterns = [spec.pattern for spec in plugins.hooks.routes(config=None)]
-    assert not any(p.startswith("/ping") for p in patterns)
-    assert all(isinstance(spec, RouteSpec) for spec in plugins.hooks.routes(config=None))
-    assert any(
-        p.startswith("/ping") for p in (s.pattern for s in load_plugins().hooks.routes(None))
-    )
+    routes = plugins.hooks.routes(config)
+    assert not any(spec.pattern.startswith("/ping") for spec in routes)
+    assert all(isinstance(spec, RouteSpec) for spec in routes)
+    assert any(s.pattern.startswith("/ping") for s in load_plugins().hooks.routes(config))
 
 
 def test_dash_p_of_an_entry_point_module_is_a_no_op() -> None:

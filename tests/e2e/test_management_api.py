@@ -111,7 +111,12 @@ def server(
     return module_server(
         model_store=store,
         args=["--enable-model-api"],
-        config={"allowed_urls": allowed, "install_py_dep_per_model": "true"},
+        config={
+            "allowed_urls": allowed,
+            "install_py_dep_per_model": "true",
+            # The test's own environment cache: nothing left in the user's ~/.cache.
+            "model_env_cache": str(tmp_path_factory.mktemp("envs")),
+        },
         # Requirements resolve from local paths only: no package index in tests.
         env={"PIP_NO_INDEX": "1"},
     )

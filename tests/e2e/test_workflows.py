@@ -316,6 +316,9 @@ def test_list_unregister_and_refusals(server: ServerProcess, store: Path) -> Non
         m["modelName"] for m in server.request("GET", "management", "/models").json()["models"]
     ]
     assert not [n for n in names if n.startswith("cyc__")]
+    # Node models of registered workflows serve, but are the workflow's, not listed as models.
+    assert not [n for n in names if "__" in n]
+    assert server.request("GET", "management", "/models/seq__pre").status == 200
     removed = server.request("DELETE", "management", "/workflows/par")
     assert removed.json() == {"status": 'Workflow "par" unregistered'}
     assert server.request("GET", "management", "/models/par__add").status == 404

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from flambeau import __version__
 from flambeau.api import CliOption, ConfigError, PluginError
 from flambeau.core.config import Config
@@ -256,24 +258,38 @@ def stop_server(timeout: float = 60.0, messages: CliMessages = MESSAGES) -> int:
     if pid is None:
         _say(messages.not_running)
         return 1
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        pgid = None
+    family = descendants(pid)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.05)
-    # Anything left in the server's session (workers of a crashed server) goes too.
-    if pgid is not None and pgid == pid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    kill_survivors(family)
     pid_file().unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path("key_file.json").unlink()
     _say(messages.stopped)
     return 0
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """The process and everything it started, remembered before it is asked to stop."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def kill_survivors(processes: list[psutil.Process]) -> None:
+    """SIGKILL whichever of ``processes`` still runs: workers of a server that died, say.
+
+    psutil checks each process's start time, so a recycled pid is never hit.
+    """
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
 
 
 def _alive(pid: int) -> bool:

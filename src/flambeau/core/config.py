@@ -63,6 +63,7 @@ DEFAULTS: dict[str, str] = {
     "authorizer": "roles",
     "metrics_sinks": "log",
     "drain_timeout": "30",
+    "model_env_cache": "",  # "" = $XDG_CACHE_HOME/flambeau/envs or ~/.cache/flambeau/envs
 }
 
 # Keys TorchServe never lets the environment override (ConfigManager has no TS_ constant).
@@ -104,13 +105,29 @@ def parse_properties(text: str) -> dict[str, str]:
     if pending:
         logical.append(pending)
     for line in logical:
-        match = re.match(r"((?:\\.|[^=:\s])+)\s*[=:\s]\s*(.*)$", line)
-        if match:
-            key, value = match.group(1), match.group(2)
-        else:
-            key, value = line.strip(), ""
-        props[key.replace("\\", "")] = value.rstrip()
+        # The key ends at the first unescaped separator; one '=' or ':' may follow blanks.
+        match = re.match(r"((?:\\.|[^=:\s\\])*)\s*(?:[=:]\s*)?(.*)$", line, re.S)
+        key, value = (match.group(1), match.group(2)) if match else (line, "")
+        props[_unescape(key)] = _unescape(value)
     return props
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(text: str) -> str:
+    """Java's escapes: ``\\t \\n \\r \\f``, ``\\uXXXX``, and ``\\X`` for any other X
+    (``http\\://host`` as TorchServe writes snapshots)."""
+    if "\\" not in text:
+        return text
+
+    def repl(match: re.Match[str]) -> str:
+        escaped = match.group(1)
+        if escaped.startswith("u") and len(escaped) == 5:
+            return chr(int(escaped[1:], 16))
+        return _ESCAPES.get(escaped[0], escaped[0])
+
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", repl, text)
 
 
 def substitute_env(value: str, key: str, environ: Mapping[str, str]) -> str:

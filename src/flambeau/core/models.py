@@ -22,6 +22,7 @@ from typing import Any
 from flambeau import __version__
 from flambeau.api import (
     BadRequestError,
+    ConfigError,
     ConflictError,
     FlambeauError,
     InternalServerError,
@@ -64,6 +65,10 @@ class ModelVersion:
     downloaded_path: Path | None = None
     owner: str | None = None  # the plugin that registered it for its own use (workflows)
     created: float = field(default_factory=time.time)
+    # Set by a preparer (per-model requirements): the workers' interpreter, "" = the
+    # server's, and the directories put in front of the workers' PYTHONPATH.
+    python: str = ""
+    python_path: tuple[str, ...] = ()
 
     @property
     def model_dir(self) -> Path:
@@ -258,7 +263,11 @@ class ModelManager:
             )
             if overrides:
                 settings = settings.with_overrides(overrides)
-            mv = self._build_version(name, version, url, archive, settings, handler, runtime)
+            try:
+                mv = self._build_version(name, version, url, archive, settings, handler, runtime)
+            except ConfigError as exc:
+                # An unknown batchingStrategy / workerBackend in the model-config.
+                raise BadRequestError(f"Model {name}: {exc}") from None
             mv.loaded_at_startup = startup
             mv.downloaded_path = downloaded
             self.models.setdefault(name, {})[version] = mv
@@ -526,7 +535,8 @@ class ModelManager:
         if limit is None or limit > 100 or limit < 0:
             limit = 100
         offset = max(0, page_token or 0)
-        names = sorted(self.defaults)
+        # Versions a plugin registered for its own use (workflow nodes) are not listed.
+        names = sorted(n for n, v in self.defaults.items() if self.models[n][v].owner is None)
         last = offset + limit
         body: dict[str, Any] = {}
         if last <= len(names):
@@ -590,11 +600,8 @@ def _free_workers(mv: ModelVersion) -> int:
 
 
 def python_for(mv: ModelVersion) -> str:
-    """The worker interpreter: the model's venv (``useVenv``) once prepared, else the server's."""
-    venv_python = mv.model_dir / "venv" / "bin" / "python"
-    if mv.settings.use_venv and venv_python.exists():
-        return str(venv_python)
-    return sys.executable
+    """The worker interpreter: the one a preparer chose (a per-model venv), else the server's."""
+    return mv.python or sys.executable
 
 
 def cpu_count() -> int:

@@ -241,6 +241,7 @@ class WorkerPool:
                     await self._serve(slot, worker)
                 finally:
                     slot.worker = None
+                    slot.status = "UNLOADING"
                     await self._stop_worker(slot, worker)
                 if not slot.retired:
                     self._note_failure(slot, WORKER_DIED)
@@ -278,10 +279,18 @@ class WorkerPool:
             slot.started.set_result(ok)
 
     async def _start_worker(self, slot: WorkerSlot) -> Worker | None:
-        spec = self._make_spec(slot.worker_id)
+        slot.status = "STARTING"
+        try:
+            # Placement can fail (no GPU memory left): a start failure like any other.
+            spec = self._make_spec(slot.worker_id)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, FlambeauError) else f"{exc!r}"
+            log.error("%s worker %s cannot be placed: %s", self.name, slot.worker_id, message)
+            self._note_failure(slot, message)
+            self._resolve_started(slot, False)
+            return None
         self._specs[slot.worker_id] = spec
         worker = self.backend.create_worker(spec)
-        slot.status = "STARTING"
         try:
             await asyncio.wait_for(worker.start(), self.settings.startup_timeout_s + 5)
         except asyncio.CancelledError:

@@ -202,6 +202,10 @@ class Server:
         affinity = device.cores if device.kind == "cpu" else ()
         threads = settings.intra_op_threads or ((len(affinity) or share) if mode != "off" else 0)
         env = {k: v for k, v in os.environ.items() if not self._blacklisted(k)}
+        if mv.python_path:
+            # A per-model environment goes first, as the model's own requirements must win.
+            inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([*mv.python_path, *inherited])
         if threads:
             # OpenMP/MKL size their pools from these before torch is told anything.
             env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
@@ -406,13 +410,20 @@ class Server:
             raise ConfigError(f"{key}: cannot listen on {where}: {exc.strerror}") from None
 
     def _start_http(self) -> None:
-        groups: dict[Address, set[str]] = {}
+        groups: dict[Address | str, set[str]] = {}
+        addresses: dict[Address | str, Address] = {}
         for listener, key in LISTENER_KEYS.items():
             if listener == "metrics" and not self.config.get_bool("enable_metrics_api", True):
                 continue
-            groups.setdefault(self.config.address(key), set()).add(listener)
+            address = self.config.address(key)
+            # Equal addresses share one listener (SageMaker style); port 0 means "any free
+            # port" and so a listener of its own.
+            group: Address | str = listener if address.port == 0 and not address.unix else address
+            groups.setdefault(group, set()).add(listener)
+            addresses[group] = address
         max_request = self.config.get_int("max_request_size", 6553500)
-        for address, listeners in groups.items():
+        for group, listeners in groups.items():
+            address = addresses[group]
             sockets = self._bind(address, LISTENER_KEYS[sorted(listeners)[0]])
             server = tornado.httpserver.HTTPServer(
                 self._application(listeners),

@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from flambeau.core.cli import descendants, kill_survivors
+
 LOOPBACK_CONFIG = {
     "inference_address": "http://127.0.0.1:0",
     "management_address": "http://127.0.0.1:0",
@@ -154,17 +156,19 @@ class ServerProcess:
         return http_request(self.url(listener), method, path, **kwargs)
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for the drain, then kill whatever the server left running (its
+        workers, if it crashed). Safe to call twice: a reaped pid is never signalled."""
         if self.process.poll() is None:
+            family = descendants(self.process.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-        # Whatever is left in the server's session (workers) must not outlive the test.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-        self.output.close()
+            kill_survivors(family)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+        if not self.output.closed:
+            self.output.close()
         return self.process.returncode
 
 

@@ -375,6 +375,7 @@ class WorkflowManager:
                 startup_timeout=params.startup_timeout,
             ),
             overrides=pinned,
+            owner="workflows",
         )
         return NodeTarget(model, version)
 
