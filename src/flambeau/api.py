@@ -88,6 +88,7 @@ __all__ = [
     "WorkerResponse",
     "WorkerSpec",
     "hookimpl",
+    "line_writer",
 ]
 
 PROJECT = "flambeau"
@@ -523,3 +524,13 @@ class CommandSpec:
 @runtime_checkable
 class Lifespan(Protocol):
     def __call__(self, server: Any) -> AbstractAsyncContextManager[None]: ...
+
+
+def line_writer(logger_name: str) -> Callable[[str], None]:
+    """A cheap writer of one-line messages to a bare log (``flambeau.access``,
+    ``flambeau.metrics.frontend``, ``flambeau.metrics.model``): buffered straight into
+    flambeau's own handler, or ``logger.info`` under a user's ``--log-config``. Call it after
+    logging is configured (at server assembly), not at import time."""
+    from flambeau.core.logs import line_writer as writer
+
+    return writer(logger_name)

@@ -122,7 +122,8 @@ class ApiHandler(tornado.web.RequestHandler):
     def listener(self) -> str:
         return self.route.listener
 
-    async def prepare(self) -> None:
+    def prepare(self) -> None:
+        # Synchronous on purpose: Tornado skips the awaiting machinery for a plain return.
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._reject_too_large()
@@ -225,7 +226,7 @@ class ApiHandler(tornado.web.RequestHandler):
 class NotFoundHandler(ApiHandler):
     """The fallback: TorchServe's 404 ``ResourceNotFoundException`` for any unknown path."""
 
-    async def prepare(self) -> None:
+    def prepare(self) -> None:
         from flambeau.api import NotFoundError
         from flambeau.errors import RESOURCE_NOT_FOUND
 

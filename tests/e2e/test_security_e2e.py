@@ -137,7 +137,7 @@ def test_key_file_is_private_and_keys_work(secured: ServerProcess) -> None:
     keys = secured.keys
     assert list(keys) == ["management", "inference", "API"]
     expiry = datetime.datetime.fromisoformat(keys["inference"]["expiration time"][:-1] + "+00:00")
-    remaining = expiry - datetime.datetime.now(datetime.timezone.utc)
+    remaining = expiry - datetime.datetime.now(datetime.UTC)
     assert datetime.timedelta(minutes=58) < remaining <= datetime.timedelta(minutes=60)
     assert TEAM_KEY not in path.read_text()
     ping = secured.request("GET", "inference", "/ping", headers=_bearer(_key(secured, "inference")))
@@ -521,7 +521,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -123,7 +123,7 @@ class JobQueue:
                 await self._nonempty.wait()
             else:
                 await asyncio.wait_for(self._nonempty.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return bool(self._jobs)
         return True
 

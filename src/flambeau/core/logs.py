@@ -16,6 +16,9 @@ import logging.config
 import logging.handlers
 import os
 import sys
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from flambeau.api import ConfigError
@@ -54,29 +57,121 @@ class RequestIdFilter(logging.Filter):
 
 
 class SizeRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A RotatingFileHandler that counts what it writes.
+    """A RotatingFileHandler that counts what it writes, and optionally buffers it.
 
     The standard one stats, seeks and formats twice for every record to decide on rotation;
     access and metric lines are written on every request, so this one keeps the size itself.
+    With ``buffered``, lines are written in bulk (at 64 KiB, after 0.5 s, or on
+    :func:`flush_buffered_logs`, which the server calls twice a second and at shutdown): one
+    ``write`` and ``flush`` per line was a fifth of the server's time under load.
     """
 
-    def __init__(self, filename: Path, max_bytes: int, backups: int) -> None:
+    FLUSH_BYTES = 64 * 1024
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self, filename: Path, max_bytes: int, backups: int, *, buffered: bool = False):
         super().__init__(filename, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self._size = os.path.getsize(filename) if os.path.exists(filename) else 0
+        self.buffered = buffered
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._last_write = time.monotonic()
+        if buffered:
+            _BUFFERED.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
-            if self.maxBytes > 0 and self._size + len(line) > self.maxBytes and self._size:
-                self.doRollover()
-                self._size = 0
-            if self.stream is None:
-                self.stream = self._open()
-            self.stream.write(line)
-            self.stream.flush()
-            self._size += len(line)
+            if not self.buffered:
+                self._write(line)
+                return
+            self._pending.append(line)
+            self._pending_bytes += len(line)
+            if (
+                self._pending_bytes >= self.FLUSH_BYTES
+                or time.monotonic() - self._last_write >= self.FLUSH_SECONDS
+            ):
+                self.flush()
         except Exception:
             self.handleError(record)
+
+    def append(self, line: str) -> None:
+        """Buffer one finished line (the fast path of :func:`line_writer`)."""
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if (
+            self._pending_bytes >= self.FLUSH_BYTES
+            or time.monotonic() - self._last_write >= self.FLUSH_SECONDS
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            with self.lock:  # type: ignore[union-attr]
+                pending, self._pending, self._pending_bytes = self._pending, [], 0
+                self._write("".join(pending))
+        else:
+            super().flush()
+
+    def close(self) -> None:
+        self.flush()
+        _BUFFERED.discard(self)
+        super().close()
+
+    def _write(self, text: str) -> None:
+        if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
+            self.doRollover()
+            self._size = 0
+        if self.stream is None:
+            self.stream = self._open()
+        self.stream.write(text)
+        self.stream.flush()
+        self._size += len(text)
+        self._last_write = time.monotonic()
+
+
+_BUFFERED: weakref.WeakSet[SizeRotatingFileHandler] = weakref.WeakSet()
+
+
+class _Stamp:
+    """``BARE_FORMAT``'s time prefix, the date part formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime(DATE_FORMAT, time.localtime(now))
+        return f"{self._text},{int(now * 1000) % 1000:03d}"
+
+
+def line_writer(logger_name: str) -> Callable[[str], None]:
+    """A function writing one message to a bare log (access, metrics) as ``BARE_FORMAT`` does.
+
+    These logs get a line or more per request. With flambeau's own buffered handler in place
+    the line goes straight to its buffer, skipping a ``LogRecord``; with a ``--log-config``
+    of the user's, it is an ordinary ``logger.info``.
+    """
+    logger = logging.getLogger(logger_name)
+    handler = next(
+        (h for h in logger.handlers if isinstance(h, SizeRotatingFileHandler) and h.buffered),
+        None,
+    )
+    if handler is None or len(logger.handlers) != 1 or not logger.isEnabledFor(logging.INFO):
+        return logger.info
+    stamp = _Stamp()
+    append = handler.append
+    return lambda message: append(f"{stamp()} - {message}\n")
+
+
+def flush_buffered_logs() -> None:
+    """Write out what buffered handlers (access and metric logs) hold."""
+    for handler in list(_BUFFERED):
+        handler.flush()
 
 
 def log_dir() -> Path:
@@ -90,6 +185,11 @@ def configure_logging(*, log_config: str | None = None, foreground: bool = False
         _apply_user_config(Path(log_config))
         return directory
     directory.mkdir(parents=True, exist_ok=True)
+    # Nobody reads thread and process names in these logs; not gathering them makes every
+    # record cheaper (these are logging's documented switches).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     request_ids = RequestIdFilter()
     formatter = logging.Formatter(FORMAT, DATE_FORMAT)
     bare = logging.Formatter(BARE_FORMAT, DATE_FORMAT)
@@ -99,7 +199,9 @@ def configure_logging(*, log_config: str | None = None, foreground: bool = False
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
-        handler = SizeRotatingFileHandler(directory / file_name, MAX_BYTES, BACKUPS)
+        handler = SizeRotatingFileHandler(
+            directory / file_name, MAX_BYTES, BACKUPS, buffered=logger_name in BARE
+        )
         handler.setFormatter(bare if logger_name in BARE else formatter)
         handler.addFilter(request_ids)
         logger.addHandler(handler)

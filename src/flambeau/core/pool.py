@@ -363,11 +363,10 @@ class WorkerPool:
                     job.on_partial(response)
 
         try:
-            result = await asyncio.wait_for(
-                worker.infer([job.request for job in batch], on_partial),
-                self.settings.response_timeout_s,
-            )
-        except asyncio.TimeoutError:
+            # asyncio.timeout arms one timer; wait_for would also wrap infer in a Task per batch.
+            async with asyncio.timeout(self.settings.response_timeout_s):
+                result = await worker.infer([job.request for job in batch], on_partial)
+        except TimeoutError:
             log.error("%s worker %s: response timeout, killing it", self.name, worker.worker_id)
             self._fail(batch, InternalServerError(WORKER_DIED))
             return False

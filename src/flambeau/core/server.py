@@ -45,6 +45,7 @@ from flambeau.api import (
     WorkerSpec,
 )
 from flambeau.core.config import Address, Config
+from flambeau.core.logs import flush_buffered_logs, line_writer
 from flambeau.core.metrics import EXTRA, HOSTNAME, LATENCY_BUCKETS, Metrics
 from flambeau.core.models import ModelManager, cpu_count, python_for
 from flambeau.core.plugins import PluginSet, named
@@ -52,7 +53,6 @@ from flambeau.core.settings import startup_default_workers
 from flambeau.web import ApiHandler, NotFoundHandler, Security
 
 log = logging.getLogger("flambeau.server")
-access_log = logging.getLogger("flambeau.access")
 
 LISTENER_KEYS = {
     "inference": "inference_address",
@@ -106,6 +106,7 @@ class Server:
         self.metrics.sinks = [sink_specs[n].factory(self) for n in wanted if n in sink_specs]
         self._backend_cache: dict[str, WorkerBackend] = {}
         self._allocator = self._build_allocator()
+        self._write_access = line_writer("flambeau.access")
         self._request_families()
         self.models = ModelManager(self)
 
@@ -324,14 +325,9 @@ class Server:
         request = handler.request
         address = getattr(getattr(request.connection, "context", None), "address", None)
         peer = f"/{address[0]}:{address[1]}" if isinstance(address, tuple) else f"/{address or ''}"
-        access_log.info(
-            '%s "%s %s %s" %d %d',
-            peer,
-            request.method,
-            request.uri,
-            request.version,
-            status,
-            int(1000 * request.request_time()),
+        self._write_access(
+            f'{peer} "{request.method} {request.uri} {request.version}" {status} '
+            f"{int(1000 * request.request_time())}"
         )
 
     def observe_prediction(
@@ -456,6 +452,9 @@ class Server:
                 loop.add_signal_handler(sig, self.request_stop)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(shutil.rmtree, self.work_dir, True)
+            stack.callback(flush_buffered_logs)
+            flusher = asyncio.create_task(self._flush_logs_periodically())
+            stack.callback(flusher.cancel)
             self._start_http()
             stack.push_async_callback(self._drain)
             for lifespan in self.hooks.lifespans(self):
@@ -471,6 +470,13 @@ class Server:
             log.info("Model server started. Addresses: %s", self.addresses)
             await self._stop.wait()
             log.info("Stopping: draining in-flight requests")
+
+    @staticmethod
+    async def _flush_logs_periodically() -> None:
+        # Access and metric lines are written in bulk; this bounds how stale the files get.
+        while True:
+            await asyncio.sleep(0.5)
+            flush_buffered_logs()
 
     async def _drain(self) -> None:
         for http_server in self._http_servers:

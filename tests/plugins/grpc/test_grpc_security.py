@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,9 +140,13 @@ def test_every_rpc_needs_the_listeners_key(
             S.PERMISSION_DENIED,
             TOKEN_FAILED,
         )
-    # Refusals are in the access log like any other call.
-    access = (server.log_dir / "access_log.log").read_text()
+    # Refusals are in the access log like any other call (written in bulk within 0.5 s).
     ping = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping"
+    deadline = time.monotonic() + 5
+    access = ""
+    while f'"gRPC {ping}" PERMISSION_DENIED' not in access and time.monotonic() < deadline:
+        time.sleep(0.1)
+        access = (server.log_dir / "access_log.log").read_text()
     assert f'"gRPC {ping}" PERMISSION_DENIED' in access
 
 

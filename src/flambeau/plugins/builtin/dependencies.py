@@ -93,7 +93,7 @@ async def run_logged(
     try:
         await asyncio.wait_for(pump(), timeout_s)
         code = await process.wait()
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError):
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
@@ -471,7 +471,7 @@ class RequirementsPreparer:
                 metadata=metadata,
                 timeout_s=timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ModelDependencyError(f"{failure}: timed out after {timeout_s:g} s") from None
         except LockTimeoutError:
             raise ModelDependencyError(

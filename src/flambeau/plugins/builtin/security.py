@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 
 def _instant(epoch: float) -> str:
     """Java's ``Instant.toString()`` (UTC, ISO-8601, ``Z``), as TorchServe writes expiries."""
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _read_keys_file(path: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from flambeau.api import MetricRecord
+from flambeau.api import MetricRecord, line_writer
 from flambeau.plugins.builtin.metrics.prometheus import java_double
 from flambeau.plugins.builtin.metrics.settings import MODEL, MetricsMode
 
@@ -45,11 +45,14 @@ class LogSink:
         self._families = server.metrics.families
         self._mode = MetricsMode.from_config(server.config)
         self._hostname = socket.gethostname()
+        self._write_frontend = line_writer(frontend_log.name)
+        self._write_model = line_writer(model_log.name)
 
     def record(self, record: MetricRecord) -> None:
         family = self._families.get(record.name)
         if not self._mode.logs(family):
             return
-        logger = model_log if family is None or family.origin == MODEL else frontend_log
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(format_line(record, hostname=self._hostname, timestamp=time.time()))
+        write = (
+            self._write_model if family is None or family.origin == MODEL else self._write_frontend
+        )
+        write(format_line(record, hostname=self._hostname, timestamp=time.time()))

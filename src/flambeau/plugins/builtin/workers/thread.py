@@ -71,7 +71,7 @@ class ThreadWorker:
         future = self._loop.run_in_executor(self._executor, self._load)
         try:
             self._service = await asyncio.wait_for(future, self.spec.startup_timeout_s)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             self._abandon()
             raise WorkerStartError(
                 f"Worker {self.worker_id} for model {load.model_name} did not load within "
@@ -136,7 +136,7 @@ class ThreadWorker:
             if idle:
                 try:
                     await asyncio.wait_for(close, timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("worker %s: close() took over %g s", self.worker_id, timeout_s)
         executor.shutdown(wait=False)
 

@@ -179,7 +179,7 @@ class DagExecutor:
             try:
                 future = self.submitter.submit(target.model, target.version, request)
                 response = await asyncio.wait_for(future, timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 failure = "timeout"
                 reason = f"timed out after {settings.timeout_ms} ms"
             except FlambeauError as exc:
