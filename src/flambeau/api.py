@@ -459,8 +459,12 @@ class EnvelopeSpec:
 
 @dataclass(frozen=True, slots=True)
 class DeviceDiscoverySpec:
+    """Finds the devices of one kind; ``usage`` (optional) reports the live usage of some of
+    them as describe shows it (``gpuUsage``), keyed by device index."""
+
     name: str
     discover: Callable[[], Sequence[Device]]
+    usage: Callable[[Sequence[int]], Mapping[int, str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from flambeau.plugins.builtin.devices import (
     check_gpu_placement,
     discover_cpu,
     discover_cuda,
+    gpu_usage,
     parse_cpu_list,
 )
 
@@ -409,6 +410,14 @@ class GpuWorker:
         return 123
 
 
+def reported_usage(indices: Sequence[int]) -> dict[int, str]:
+    """The cuda plugin's reporter as the server calls it: a failure means no usage."""
+    try:
+        return gpu_usage(indices)
+    except Exception:
+        return {}
+
+
 async def describe_rows(worker: Any) -> list[dict[str, Any]]:
     def no_spec(worker_id: str) -> WorkerSpec:
         raise AssertionError("describe starts nothing")
@@ -421,6 +430,7 @@ async def describe_rows(worker: Any) -> list[dict[str, Any]]:
         settings=PoolSettings(),
         make_spec=no_spec,
         next_worker_id=lambda: "9000",
+        device_usage=reported_usage,
     )
     pool.slots.append(WorkerSlot("9000", status="READY", worker=worker))
     return pool.describe()

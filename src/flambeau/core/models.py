@@ -325,6 +325,7 @@ class ModelManager:
                 name, version, size, queued, took
             ),
             release=server.release_device,
+            device_usage=lambda indices: server.device_usage("cuda", indices),
         )
         mv = ModelVersion(name, version, url, archive, settings, handler, runtime, queue, pool)
         mv_ref.append(mv)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,7 @@ class WorkerPool:
         on_metrics: Callable[[Sequence[MetricRecord]], None] | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,
         release: Callable[[WorkerSpec], None] | None = None,
+        device_usage: Callable[[Sequence[int]], Mapping[int, str]] | None = None,
     ) -> None:
         self.name = name
         self.queue = queue
@@ -97,6 +98,7 @@ class WorkerPool:
         self._on_metrics = on_metrics
         self._on_batch = on_batch
         self._release = release
+        self._device_usage = device_usage or (lambda indices: {})
         self.slots: list[WorkerSlot] = []
         self._specs: dict[str, WorkerSpec] = {}
 
@@ -167,48 +169,14 @@ class WorkerPool:
         return sum(1 for s in self.slots if s.status == "READY" and not s.retired)
 
     def describe(self) -> list[dict[str, Any]]:
-        """TorchServe's worker rows; a GPU worker's ``gpuUsage`` is its GPU's NVML readings
-        in nvidia-smi's words, as TorchServe reports them."""
+        """TorchServe's worker rows; a GPU worker's ``gpuUsage`` is what the device plugin
+        reports for its GPU (NVML readings in nvidia-smi's words, as TorchServe has them)."""
         gpu_ids = {
             slot.worker_id: int(slot.worker.device.partition(":")[2] or 0)
             for slot in self.slots
             if slot.worker is not None and slot.worker.device.startswith("cuda")
         }
-        usage: dict[int, str] = {}
-        if gpu_ids:
-            import os
-
-            try:
-                # Only a server with GPU workers gets here, so NVML is loaded where a GPU is.
-                import pynvml
-
-                pynvml.nvmlInit()
-            except Exception as exc:
-                log.warning("gpuUsage unavailable: %s", exc)
-            else:
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                order = [v.strip() for v in visible.split(",")] if visible is not None else []
-                try:
-                    for index in set(gpu_ids.values()):
-                        # Workers number GPUs as CUDA does; NVML ignores CUDA_VISIBLE_DEVICES.
-                        name = order[index] if index < len(order) else str(index)
-                        handle = (
-                            pynvml.nvmlDeviceGetHandleByIndex(int(name))
-                            if name.isdigit()
-                            else pynvml.nvmlDeviceGetHandleByUUID(name)
-                        )
-                        rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
-                        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // 2**20
-                        usage[index] = (
-                            f"gpuId::{index} utilization.gpu [%]::{rates.gpu} % "
-                            f"utilization.memory [%]::{rates.memory} % "
-                            f"memory.used [MiB]::{used} MiB"
-                        )
-                except Exception as exc:
-                    log.warning("gpuUsage unavailable: %s", exc)
-                finally:
-                    with contextlib.suppress(Exception):
-                        pynvml.nvmlShutdown()
+        usage = self._device_usage(sorted(set(gpu_ids.values()))) if gpu_ids else {}
         rows = []
         for slot in self.slots:
             worker = slot.worker

@@ -25,7 +25,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,9 @@ class Server:
         self.envelopes = named(self.hooks.envelopes(config), "envelope")
         self.preparers = self.hooks.model_preparers(config)
         self.handler_names = {h.name: h.target for h in self.hooks.handlers()}
-        self.devices: list[Device] = [
-            device for spec in self.hooks.device_discovery(config) for device in spec.discover()
-        ]
+        discovery = self.hooks.device_discovery(config)
+        self.devices: list[Device] = [device for spec in discovery for device in spec.discover()]
+        self._usage = {spec.name: spec.usage for spec in discovery if spec.usage is not None}
         self.security = self._build_security()
         sink_specs = named(self.hooks.metrics_sinks(config), "metrics sink")
         wanted = config.get_list("metrics_sinks")
@@ -251,6 +251,18 @@ class Server:
         }
         device: Device = self._allocator.allocate(self.devices, mv.name, config)
         return device
+
+    def device_usage(self, kind: str, indices: Sequence[int]) -> Mapping[int, str]:
+        """Live usage strings of devices of ``kind`` (describe's ``gpuUsage``), from the
+        discovery plugin of that kind; empty when none reports usage."""
+        report = self._usage.get(kind)
+        if report is None or not indices:
+            return {}
+        try:
+            return report(indices)
+        except Exception as exc:
+            log.warning("%s usage unavailable: %s", kind, exc)
+            return {}
 
     def release_device(self, spec: WorkerSpec) -> None:
         """Give a stopped worker's GPU share or pinned cores back to the allocator."""

@@ -164,6 +164,37 @@ def _gpu_numa_node(nvml: Any, handle: Any) -> int | None:
     return node if node >= 0 else None
 
 
+def gpu_usage(indices: Sequence[int]) -> dict[int, str]:
+    """TorchServe's ``gpuUsage`` strings for these CUDA indices, read from NVML.
+
+    Called only for models with GPU workers, so NVML is loaded only where a GPU is. Workers
+    number GPUs as CUDA does; NVML ignores ``CUDA_VISIBLE_DEVICES``, so it is mapped here.
+    """
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        order = [v.strip() for v in visible.split(",")] if visible is not None else []
+        usage = {}
+        for index in indices:
+            name = order[index] if index < len(order) else str(index)
+            handle = (
+                pynvml.nvmlDeviceGetHandleByIndex(int(name))
+                if name.isdigit()
+                else pynvml.nvmlDeviceGetHandleByUUID(name)
+            )
+            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // 2**20
+            usage[index] = (
+                f"gpuId::{index} utilization.gpu [%]::{rates.gpu} % "
+                f"utilization.memory [%]::{rates.memory} % memory.used [MiB]::{used} MiB"
+            )
+        return usage
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def discover_cuda(load_nvml: Callable[[], Any] | None = None) -> list[Device]:
     """One ``cuda`` device per GPU CUDA will see, with total and free memory in MiB.
 
@@ -458,7 +489,10 @@ def flambeau_configure(config: Any) -> None:
 
 @hookimpl
 def flambeau_device_discovery(config: Any) -> list[DeviceDiscoverySpec]:
-    return [DeviceDiscoverySpec("cpu", discover_cpu), DeviceDiscoverySpec("cuda", discover_cuda)]
+    return [
+        DeviceDiscoverySpec("cpu", discover_cpu),
+        DeviceDiscoverySpec("cuda", discover_cuda, usage=gpu_usage),
+    ]
 
 
 @hookimpl
