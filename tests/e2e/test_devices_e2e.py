@@ -225,8 +225,23 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
 
 @pytest.fixture(scope="module")
 def cpu_server(models: Models, servers: Callable[..., ServerProcess]) -> ServerProcess:
+    """A 2-core server that pins workers (``cpu_placement=on``), the mode most tests examine."""
     with on_cpus(2):
-        return servers(models)
+        return servers(models, config={"cpu_placement": "on"})
+
+
+def test_default_placement_sizes_threads_without_pinning(
+    models: Models, servers: Callable[..., ServerProcess]
+) -> None:
+    with on_cpus(2):
+        server = servers(models)
+    archive = models.archive("defaulted", "minWorkers: 2\nmaxWorkers: 2\n")
+    with registered(server, archive) as name:
+        reports = report_from_each_worker(server, name, 2, threads=True)
+        assert [(r["threads"], r["omp"], len(r["affinity"])) for r in reports] == [
+            (1, "1", 2),
+            (1, "1", 2),
+        ]
 
 
 def test_two_workers_on_two_cores_run_one_thread_each(

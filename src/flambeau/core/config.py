@@ -63,6 +63,7 @@ DEFAULTS: dict[str, str] = {
     "authorizer": "roles",
     "metrics_sinks": "log",
     "drain_timeout": "30",
+    "cpu_placement": "threads",
     "model_env_cache": "",  # "" = $XDG_CACHE_HOME/flambeau/envs or ~/.cache/flambeau/envs
 }
 

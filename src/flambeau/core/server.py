@@ -178,8 +178,8 @@ class Server:
         """Everything a backend needs for one worker of ``mv``: device, cores, threads, env.
 
         CPU placement (``cpu_placement``, per model ``cpuPlacement``) keeps N workers from
-        oversubscribing C cores: ``on`` (default) gives each worker C/N cores (at least one),
-        pinned, with that many intra-op threads; ``threads`` only sizes the thread pools;
+        oversubscribing C cores: ``threads`` (default) sizes each worker's pools to C/N threads
+        (at least one); ``on`` also pins each worker to that many cores of its own;
         ``off`` leaves torch's defaults, as TorchServe does. ``intraOpThreads`` in the
         model-config sets the thread count (and, with ``on``, the number of cores pinned).
         """
@@ -187,10 +187,10 @@ class Server:
         raw = settings.extra.get("cpuPlacement")
         if isinstance(raw, bool):  # YAML 1.1 reads a bare on/off as a boolean
             raw = "on" if raw else "off"
-        mode = str(raw or self.config.get_str("cpu_placement") or "on").strip().lower()
+        mode = str(raw or self.config.get_str("cpu_placement") or "threads").strip().lower()
         if mode not in ("on", "threads", "off"):
-            log.warning("%s: unknown cpuPlacement %r, using 'on'", mv.name, mode)
-            mode = "on"
+            log.warning("%s: unknown cpuPlacement %r, using 'threads'", mv.name, mode)
+            mode = "threads"
         total_workers = sum(v.pool.target for v in self.models.all_versions()) or 1
         share = settings.intra_op_threads or max(1, cpu_count() // total_workers)
         try:

@@ -466,7 +466,8 @@ def flambeau_cli_options() -> list[CliOption]:
     return [
         CliOption(
             ("--cpu-placement",),
-            "on: share the cores among workers and pin them; threads: only size thread pools; "
+            "threads (default): size each worker's thread pools to its share of the cores; "
+            "on: also pin each worker to its cores; "
             "off: torch's defaults (TorchServe)",
             config_key="cpu_placement",
         ),
@@ -480,7 +481,7 @@ def flambeau_cli_options() -> list[CliOption]:
 
 @hookimpl
 def flambeau_configure(config: Any) -> None:
-    mode = config.get_str("cpu_placement", "on").strip().lower()
+    mode = config.get_str("cpu_placement", "threads").strip().lower()
     if mode not in PLACEMENT_MODES:
         raise ConfigError(
             f"cpu_placement: expected one of {', '.join(PLACEMENT_MODES)}, got {mode!r}"
