@@ -21,13 +21,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
+from typing import TYPE_CHECKING
 
 from flambeau import __version__
 from flambeau.api import CliOption, ConfigError, PluginError
-from flambeau.core.config import Config
-from flambeau.core.plugins import PluginOptions, PluginSet, load_plugins
+
+if TYPE_CHECKING:
+    import psutil
+
+    from flambeau.core.config import Config
+    from flambeau.core.plugins import PluginSet
 
 PID_ENV = "FLAMBEAU_PID_FILE"
 STARTED = "Model server started."
@@ -179,6 +182,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for key, value in vars(args).items():
         if key.startswith("cfg__") and value is not None:
             cli[key[5:]] = str(value).lower() if isinstance(value, bool) else str(value)
+    from flambeau.core.config import Config
+
     config = Config.load(file=config_file, cli=cli)
     store = config.model_store
     if store is None:
@@ -209,14 +214,23 @@ def _running_pid() -> int | None:
     return pid
 
 
+def _ready_file_arg(argv: Sequence[str]) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg == "--ready-file" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--ready-file="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _start_daemon(
-    argv: Sequence[str], args: argparse.Namespace, messages: CliMessages = MESSAGES
+    argv: Sequence[str], ready_file: str | None, messages: CliMessages = MESSAGES
 ) -> int:
     if (pid := _running_pid()) is not None:
         _say(messages.already_running, pid=pid)
         return 1
-    ready = Path(args.ready_file or Path(tempfile.mkdtemp(prefix="flambeau-start-")) / "ready.json")
-    child_argv = [a for a in argv if a not in {"--ready-file", args.ready_file}]
+    ready = Path(ready_file or Path(tempfile.mkdtemp(prefix="flambeau-start-")) / "ready.json")
+    child_argv = [a for a in argv if a not in {"--ready-file", ready_file}]
     cmd = [
         sys.executable,
         "-m",
@@ -247,7 +261,7 @@ def _start_daemon(
                 f"flambeau: error: {message or 'server exited during start-up, see logs/'}",
                 file=sys.stderr,
             )
-            return 1
+            return 2 if message else 1
         time.sleep(0.02)
     print("flambeau: error: server did not become ready within 120 s", file=sys.stderr)
     return 1
@@ -274,6 +288,8 @@ def stop_server(timeout: float = 60.0, messages: CliMessages = MESSAGES) -> int:
 
 def descendants(pid: int) -> list[psutil.Process]:
     """The process and everything it started, remembered before it is asked to stop."""
+    import psutil
+
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
@@ -286,6 +302,8 @@ def kill_survivors(processes: list[psutil.Process]) -> None:
 
     psutil checks each process's start time, so a recycled pid is never hit.
     """
+    import psutil
+
     for proc in processes:
         with contextlib.suppress(psutil.Error):
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
@@ -330,9 +348,9 @@ def serve_foreground(
 
 
 def list_plugins(plugins: PluginSet) -> int:
-    from flambeau.core.config import Config as _Config
+    from flambeau.core.config import Config
 
-    config = _Config.load(cli={}, environ={})
+    config = Config.load(cli={}, environ={})
     hooks = plugins.hooks
     # Ask the registration hooks once so that every plugin's strategies are attributed.
     for collect in (
@@ -367,6 +385,12 @@ def main(argv: Sequence[str] | None = None, messages: CliMessages = MESSAGES) ->
     daemon_child = "--daemon-child" in argv
     if daemon_child:
         argv.remove("--daemon-child")
+    if _first_positional(argv) == "start" and not {"--foreground", "-h", "--help"} & set(argv):
+        # The launcher only spawns the server and waits: it loads no plugin, so the server
+        # answers sooner. The server itself validates the flags (errors come back one line).
+        return _start_daemon(argv, _ready_file_arg(argv), messages)
+    from flambeau.core.plugins import PluginOptions, load_plugins
+
     try:
         plugins = load_plugins(PluginOptions.from_flags(flags, disable_autoload=disable))
     except PluginError as exc:
@@ -389,8 +413,6 @@ def main(argv: Sequence[str] | None = None, messages: CliMessages = MESSAGES) ->
         return 2
     try:
         config = config_from_args(args)
-        if not args.foreground:
-            return _start_daemon(argv, args, messages)
         return serve_foreground(args, plugins, config, messages)
     except (ConfigError, PluginError) as exc:
         if daemon_child and args.ready_file:
