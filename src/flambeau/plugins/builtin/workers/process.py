@@ -42,12 +42,12 @@ from flambeau.plugins.builtin.workers.frames import (
     KIND_RESULT,
     PREFIX_SIZE,
     FrameError,
-    FrameSplitter,
     decode_result,
     encode_inference,
     encode_load,
     encode_shutdown,
 )
+from flambeau.plugins.builtin.workers.protocols import FrameProtocol, OutputPump
 
 __all__ = ["WORKER_MODULE", "ProcessWorker", "ProcessWorkerBackend"]
 
@@ -58,7 +58,6 @@ DEFAULT_MAX_REQUEST_BYTES = 6553500  # TorchServe's max_request_size
 _FRAME_SLACK = 1 << 20  # ids, headers and metrics around the bodies of a batch
 _LOG_TAIL_LINES = 40
 _ERROR_TAIL_LINES = 15
-_LINE_MAX = 1 << 16
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 _T = TypeVar("_T")
@@ -68,86 +67,6 @@ def _frame_cap(per_item: int, batch_size: int) -> int:
     if per_item <= 0:
         return DEFAULT_MAX_FRAME_BYTES
     return min(per_item * max(batch_size, 1) + _FRAME_SLACK, DEFAULT_MAX_FRAME_BYTES)
-
-
-class _FrameProtocol(asyncio.Protocol):
-    """Hands each frame body from the worker's socket to ``on_frame``."""
-
-    def __init__(
-        self,
-        on_frame: Callable[[bytes], None],
-        on_error: Callable[[Exception], None],
-        on_lost: Callable[[Exception | None], None],
-        max_frame_bytes: int,
-    ) -> None:
-        self._splitter = FrameSplitter(max_frame_bytes)
-        self._on_frame = on_frame
-        self._on_error = on_error
-        self._on_lost = on_lost
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            bodies = self._splitter.feed(data)
-        except FrameError as exc:
-            self._on_error(exc)
-            return
-        for body in bodies:
-            if self._transport is not None and self._transport.is_closing():
-                return  # an earlier frame was a protocol error: nothing after it is trusted
-            self._on_frame(body)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._on_lost(exc)
-
-
-class _OutputPump(asyncio.Protocol):
-    """Reads one of the worker's output pipes and hands complete lines to ``write``.
-
-    Reading continuously is what keeps a chatty worker from blocking on a full pipe.
-    """
-
-    def __init__(
-        self,
-        prefix: str,
-        write: Callable[[str, list[bytes]], None],
-        done: asyncio.Future[None],
-    ) -> None:
-        self._prefix = prefix
-        self._write = write
-        self._pending = b""
-        self._transport: asyncio.BaseTransport | None = None
-        self.done = done
-
-    def itself(self) -> _OutputPump:
-        """The protocol factory for ``connect_read_pipe``."""
-        return self
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) >= _LINE_MAX:  # an endless line is cut, not buffered forever
-            lines.append(self._pending)
-            self._pending = b""
-        if lines:
-            self._write(self._prefix, lines)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._pending:
-            self._write(self._prefix, [self._pending])
-            self._pending = b""
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 class ProcessWorker:
@@ -183,7 +102,7 @@ class ProcessWorker:
         self._proc: asyncio.subprocess.Process | None = None
         self._ps: psutil.Process | None = None
         self._exit_task: asyncio.Task[int] | None = None
-        self._pumps: list[_OutputPump] = []
+        self._pumps: list[OutputPump] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._transport: asyncio.Transport | None = None
         self._pending: asyncio.Future[BatchResult] | None = None
@@ -310,7 +229,7 @@ class ProcessWorker:
             with contextlib.suppress(OSError):
                 os.rmdir(tmpdir)
 
-        protocol = _FrameProtocol(
+        protocol = FrameProtocol(
             self._on_frame,
             self._on_protocol_error,
             self._on_connection_lost,
@@ -367,7 +286,7 @@ class ProcessWorker:
         self._exit_task = loop.create_task(self._watch_exit(self._proc))
         for fd, name, level in ((out_r, "stdout", "INFO "), (err_r, "stderr", "WARN ")):
             prefix = f" [{level}] {self._log_name}-{name} MODEL_LOG - "
-            pump = _OutputPump(prefix, self._write_lines, loop.create_future())
+            pump = OutputPump(prefix, self._write_lines, loop.create_future())
             self._pumps.append(pump)
             await loop.connect_read_pipe(pump.itself, os.fdopen(fd, "rb", 0))
 
