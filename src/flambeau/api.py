@@ -174,6 +174,8 @@ class ModelLoadSpec:
     intra_op_threads: int = 0  # 0 = leave torch's default
     max_gpu_memory_mb: int = 0  # seed 002's system.maxGPUMemory; 0 = no limit
     decode_input_request: bool = True
+    # Named handlers from plugins (``flambeau_handlers``): name -> ``module[:attr]``.
+    handler_registry: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -356,6 +356,7 @@ class ModelManager:
             intra_op_threads=mv.settings.intra_op_threads,
             max_gpu_memory_mb=mv.settings.max_gpu_memory_mb,
             decode_input_request=self.config.get_bool("decode_input_request", True),
+            handler_registry=dict(self.server.handler_names),
         )
 
     # ---------------------------------------------------------------- start-up models

@@ -172,7 +172,10 @@ class ModelService:
                 )
                 context.intermediate_sink = send_intermediate
                 token = activate_model_dir(model_dir)
-                entry = load_entry_point(spec.handler, model_dir, registry=handler_registry)
+                registry = (
+                    handler_registry if handler_registry is not None else spec.handler_registry
+                )
+                entry = load_entry_point(spec.handler, model_dir, registry=registry)
                 entry.initialize(context)
         except Exception as exc:
             if token is not None:
