@@ -35,7 +35,6 @@ from flambeau.core.logs import REQUEST_ID
 from flambeau.errors import METHOD_NOT_ALLOWED
 
 log = logging.getLogger("flambeau.web")
-access_log = logging.getLogger("flambeau.access")
 
 _NO_CACHE_HEADERS = (
     ("Pragma", "no-cache"),
