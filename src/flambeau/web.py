@@ -28,7 +28,6 @@ from flambeau.api import (
     Identity,
     InternalServerError,
     MethodNotAllowedError,
-    PayloadTooLargeError,
     RouteSpec,
 )
 from flambeau.core.logs import REQUEST_ID
@@ -127,7 +126,12 @@ class ApiHandler(tornado.web.RequestHandler):
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._reject_too_large()
             return
-        self.request.connection.set_max_body_size(self._max_body)  # type: ignore[union-attr]
+        # Slack above the limit so that a chunked body passing it reaches data_received (and
+        # gets TorchServe's 413) before Tornado's own check (a bare 400) sees it; nothing past
+        # the limit is kept, and the connection closes once the 413 is sent.
+        self.request.connection.set_max_body_size(  # type: ignore[union-attr]
+            2 * self._max_body + 65536
+        )
         if self.route.public:
             return
         headers = self.request.headers
@@ -154,12 +158,16 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Connection", "close")
         self.finish()
         self.request.connection.close()  # type: ignore[union-attr]
-        raise tornado.web.Finish
 
     def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
         self._received += len(chunk)
         if self._received > self._max_body:
-            raise PayloadTooLargeError("Request Entity Too Large")
+            # Only a chunked body gets here (a Content-Length over the limit was refused in
+            # prepare): answer TorchServe's bare 413 and stop reading.
+            self._reject_too_large()
+            return
         self._chunks.append(chunk)
 
     @property

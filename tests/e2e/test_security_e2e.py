@@ -315,11 +315,6 @@ def test_request_body_limit(secured: ServerProcess) -> None:
     assert too_big.header("Connection") == "close"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web.py sets Tornado's max_body_size to the limit itself, so Tornado answers a "
-    "chunked body over max_request_size with 400 before ApiHandler.data_received can raise 413",
-)
 def test_request_body_limit_without_content_length(secured: ServerProcess) -> None:
     headers = {**_bearer(_key(secured, "inference")), "Content-Type": "application/octet-stream"}
     port = int(secured.url("inference").rsplit(":", 1)[1])
