@@ -47,9 +47,7 @@ def _linear_class() -> type[torch.nn.Module]:
 def plugin_args() -> list[str]:
     provided = {ep.value.split(":")[0] for ep in entry_points(group="flambeau")}
     args = [arg for module in PLUGINS if module not in provided for arg in ("-p", module)]
-    # The builtin inference plugin also routes /invocations and /models/{m}/invoke, without
-    # envelopes, and is loaded first; block it so that sagemaker's envelope routes answer.
-    return [*args, "-p", "no:inference", "--disable-token-auth"]
+    return [*args, "--disable-token-auth"]
 
 
 def _free_port() -> int:
@@ -144,6 +142,13 @@ def test_vertex_instances_get_the_model_numbers(
     assert status == 200
     assert set(answer) == {"predictions"}
     assert_close(answer["predictions"], expected(linear, ROWS))
+    # The model's envelope applies on TorchServe's own route too, errors included.
+    status, same = post_json(server, "/predictions/vertex", {"instances": ROWS})
+    assert status == 200
+    assert_close(same["predictions"], expected(linear, ROWS))
+    status, refused = post_json(server, "/predictions/vertex", {"not": "instances"})
+    assert status == 400
+    assert set(refused) == {"error"}
     # SageMaker's /invocations picks the model from the query string.
     status, again = post_json(server, "/invocations?model_name=vertex", {"instances": ROWS[:1]})
     assert status == 200

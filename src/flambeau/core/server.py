@@ -25,7 +25,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,13 +342,25 @@ class Server:
             f"{int(1000 * request.request_time())}"
         )
 
-    def observe_prediction(
-        self, name: str, version: str | None, total_s: float, queue_s: float
-    ) -> None:
+    @contextlib.contextmanager
+    def prediction(self, name: str, version: str | None) -> Iterator[None]:
+        """Around one client prediction, whatever the transport: counts it in flight (the
+        SIGTERM drain waits for it) and records its request metrics when it ends."""
+        started = time.monotonic()
+        self.track_request(1)
+        try:
+            yield
+        finally:
+            self.track_request(-1)
+            self.observe_prediction(name, version, time.monotonic() - started)
+
+    def observe_prediction(self, name: str, version: str | None, total_s: float) -> None:
         labels = (name, version or "default", HOSTNAME)
         self._req_total.inc(labels)
         self._latency.inc(labels, total_s * 1e6)
-        self._queue_latency.inc(labels, queue_s * 1e6)
+        # Queue time is known per batch, not per request: ts_queue_latency_microseconds
+        # stays at 0 (docs/metrics.md), QueueTime and flambeau_queue_seconds carry it.
+        self._queue_latency.inc(labels, 0.0)
         self._request_seconds.observe(labels[:2], total_s)
 
     def observe_batch(

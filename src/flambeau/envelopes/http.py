@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 import tornado.iostream
@@ -94,24 +93,18 @@ class EnvelopeHandler(ApiHandler):
         mv = self.model(model_name, version)
         self.envelope = envelope if envelope is not None else envelope_for(self.server, mv)
         work = request if request is not None else self.worker_request()
-        started = time.monotonic()
-        self.server.track_request(1)
-        try:
-            response = await Submission.run(
-                self.server,
-                mv,
-                self.envelope,
-                work,
-                version=version or None,
-                on_submitted=self._submitted,
-            )
-        except asyncio.CancelledError:
-            return
-        finally:
-            self.server.track_request(-1)
-            self.server.observe_prediction(
-                mv.name, version or None, time.monotonic() - started, 0.0
-            )
+        with self.server.prediction(mv.name, version or None):
+            try:
+                response = await Submission.run(
+                    self.server,
+                    mv,
+                    self.envelope,
+                    work,
+                    version=version or None,
+                    on_submitted=self._submitted,
+                )
+            except asyncio.CancelledError:
+                return
         await self.send_response(response)
 
     def _submitted(self, submission: Submission) -> None:

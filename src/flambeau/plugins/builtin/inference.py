@@ -1,4 +1,4 @@
-"""TorchServe's REST inference API: predictions, explanations, SageMaker and legacy routes.
+"""TorchServe's REST inference API: predictions, explanations and the legacy MMS route.
 
 Form fields become named inputs, any other body the input ``body``; every header travels, plus
 ``explain`` and ``url_path``. The handler's status, headers and body come back as they are,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from http import HTTPStatus
 from typing import Any
 
@@ -18,6 +17,7 @@ import tornado.iostream
 
 from flambeau.api import (
     BadRequestError,
+    Envelope,
     FlambeauError,
     RequestInput,
     RouteSpec,
@@ -25,6 +25,7 @@ from flambeau.api import (
     WorkerResponse,
     hookimpl,
 )
+from flambeau.envelopes.dataplane import NoEnvelope, Submission, envelope_for
 from flambeau.plugins.builtin.openapi import document_for, model_inference_document
 from flambeau.web import ApiHandler
 
@@ -76,12 +77,16 @@ class PredictionHandler(ApiHandler):
         self.query_inputs = bool(kwargs.pop("query_inputs", False))
         super().setup(**kwargs)
         self._future: asyncio.Future[WorkerResponse] | None = None
+        self._envelope: Envelope | None = None
+        self._submission: Submission | None = None
         self._streaming = False
 
     def on_connection_close(self) -> None:
         # The client went away: a queued request is dropped before it reaches a worker.
         if self._future is not None and not self._future.done():
             self._future.cancel()
+        if self._submission is not None:
+            self._submission.cancel()
 
     async def options(
         self, model_name: str | None = None, version: str | None = None, extra: str | None = None
@@ -105,39 +110,55 @@ class PredictionHandler(ApiHandler):
                 for name, values in request.query_arguments.items()
                 for value in values
             )
-        model_name = model_name or self._invocation_model(inputs)
         work = WorkerRequest(self.request_id, headers, inputs)
-        started = time.monotonic()
+        mv = self.server.models.get(model_name, version)
+        envelope = envelope_for(self.server, mv)
+        if not isinstance(envelope, NoEnvelope):
+            # service_envelope (or the model's envelope:) applies to every inference route,
+            # as in TorchServe; errors then come back in that protocol's shape.
+            self._envelope = envelope
+            await self._serve_enveloped(mv, envelope, work, version)
+            return
         self._future = self.server.models.submit(model_name, version, work, self._on_partial)
-        self.server.track_request(1)
-        try:
-            response = await self._future
-        except asyncio.CancelledError:
-            return
-        except FlambeauError as error:
-            if not self._streaming:
-                raise
-            # Headers and chunks are out: the only honest signal left is a cut connection.
-            log.warning("request %s failed while streaming: %s", self.request_id, error.message)
-            self.request.connection.close()  # type: ignore[union-attr]
-            return
-        finally:
-            self.server.track_request(-1)
-            self.server.observe_prediction(model_name, version, time.monotonic() - started, 0.0)
+        with self.server.prediction(model_name, version):
+            try:
+                response = await self._future
+            except asyncio.CancelledError:
+                return
+            except FlambeauError as error:
+                if not self._streaming:
+                    raise
+                # Headers and chunks are out: the only honest signal left is a cut connection.
+                log.warning("request %s failed while streaming: %s", self.request_id, error.message)
+                self.request.connection.close()  # type: ignore[union-attr]
+                return
         await self._send(response)
 
     get = put = delete = patch = post
 
-    def _invocation_model(self, inputs: list[RequestInput]) -> str:
-        """``/invocations``: ``model_name`` from a parameter or form field, else the only model
-        loaded at start-up (TorchServe's SageMaker rule)."""
-        for item in inputs:
-            if item.name == "model_name" and item.value:
-                return item.value.decode("utf-8", "replace")
-        startup = {mv.name for mv in self.server.models.all_versions() if mv.loaded_at_startup}
-        if len(startup) == 1:
-            return startup.pop()
-        raise BadRequestError("Parameter model_name is required.")
+    async def _serve_enveloped(
+        self, mv: Any, envelope: Envelope, work: WorkerRequest, version: str | None
+    ) -> None:
+        with self.server.prediction(mv.name, version):
+            try:
+                response = await Submission.run(
+                    self.server, mv, envelope, work, version=version, on_submitted=self._submitted
+                )
+            except asyncio.CancelledError:
+                return
+        await self._send(response)
+
+    def _submitted(self, submission: Submission) -> None:
+        self._submission = submission
+
+    def render_error(self, error: FlambeauError) -> None:
+        if self._envelope is None:
+            super().render_error(error)
+            return
+        status, content_type, body = self._envelope.render_error(error)
+        self.set_status(status, reason=None)
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
 
     def _on_partial(self, response: WorkerResponse) -> None:
         if self._finished:
@@ -211,8 +232,6 @@ def flambeau_routes(config: Any) -> list[RouteSpec]:
     return [
         route(rf"/predictions/{MODEL}{VERSION}{extra}/?"),
         route(rf"/explanations/{MODEL}{VERSION}/?", explain=True),
-        route(r"/invocations/?", query_inputs=True),
-        route(rf"/models/{MODEL}/invoke/?", query_inputs=True),
         route(rf"/{MODEL}{VERSION}/predict/?", query_inputs=True),
         RouteSpec(r"/api-description/?", DescriptionHandler, public=True),
         RouteSpec(r"/", RootHandler, public=True),

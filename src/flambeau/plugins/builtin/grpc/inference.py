@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -120,26 +119,22 @@ class InferenceServicer:
         future = self._submit(name, version, work, partials.put_nowait)
         # Partials are delivered before the job's future resolves, so the end marker follows them.
         future.add_done_callback(lambda _: partials.put_nowait(None))
-        server = self._server
-        started = time.monotonic()
-        server.track_request(1)
-        try:
-            while (partial := await partials.get()) is not None:
-                error = response_error(partial)
+        with self._server.prediction(name, version):
+            try:
+                while (partial := await partials.get()) is not None:
+                    error = response_error(partial)
+                    if error is not None:
+                        raise error
+                    yield partial
+                final = future.result()
+                error = response_error(final)
                 if error is not None:
                     raise error
-                yield partial
-            final = future.result()
-            error = response_error(final)
-            if error is not None:
-                raise error
-            yield final
-        finally:
-            # A client that went away drops its queued request before it reaches a worker.
-            if not future.done():
-                future.cancel()
-            server.track_request(-1)
-            server.observe_prediction(name, version, time.monotonic() - started, 0.0)
+                yield final
+            finally:
+                # A client that went away drops its queued request before it reaches a worker.
+                if not future.done():
+                    future.cancel()
 
     def _submit(
         self, name: str, version: str | None, work: WorkerRequest, on_partial: Any

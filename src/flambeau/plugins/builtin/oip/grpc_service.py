@@ -11,7 +11,6 @@ tritonclient reads outputs). Errors abort the call with TorchServe's HTTP-to-gRP
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from types import ModuleType
 from typing import Any
@@ -214,8 +213,10 @@ class InferenceServicer:
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         version = request.model_version or None
         mv = await self._model(context, request.model_name, version)
-        started = time.monotonic()
-        self.server.track_request(1)
+        with self.server.prediction(mv.name, version):
+            return await self._infer(request, context, mv, version)
+
+    async def _infer(self, request: Any, context: Any, mv: Any, version: str | None) -> Any:
         try:
             infer = infer_request(request)
             work = WorkerRequest(str(uuid.uuid4()), self._headers(context), [])
@@ -232,9 +233,6 @@ class InferenceServicer:
             log.exception("ModelInfer on %s failed unexpectedly", mv.name)
             await context.abort(grpc_status(500), "Internal server error")
             raise
-        finally:
-            self.server.track_request(-1)
-            self.server.observe_prediction(mv.name, version, time.monotonic() - started, 0.0)
 
     async def _model(self, context: Any, name: str, version: str | None) -> Any:
         try:
