@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -136,7 +135,6 @@ class Metrics:
     def __init__(self, sinks: Sequence[MetricsSink] = ()) -> None:
         self.families: dict[str, Family] = {}
         self.sinks = list(sinks)
-        self.started = time.time()
         # None: no metrics.yaml was applied, so every handler metric is admitted.
         self._model_specs: dict[str, DeclaredMetric] | None = None
         self._auto_detect = True

@@ -73,11 +73,6 @@ class PluginOptions:
         env_off = os.environ.get(AUTOLOAD_ENV, "").lower() in {"1", "true", "yes"}
         return cls(tuple(extra), frozenset(blocked), disable_autoload or env_off)
 
-    def to_flags(self) -> list[str]:
-        """The flags that rebuild this plugin set (for worker processes)."""
-        flags = [f"no:{name}" for name in sorted(self.blocked)]
-        return flags + list(self.extra_modules)
-
 
 @dataclass(slots=True)
 class PluginInfo:
@@ -127,7 +122,6 @@ class PluginSet:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
-        self.options = PluginOptions()
         self.hooks = Hooks(self)
 
     def register_module(
@@ -150,7 +144,6 @@ class PluginSet:
         return info
 
     def load(self, candidates: Sequence[_Candidate], options: PluginOptions) -> None:
-        self.options = options
         for cand in candidates:
             if cand.name in options.blocked:
                 continue

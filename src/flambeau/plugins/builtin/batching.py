@@ -5,7 +5,8 @@
 ``BatchAggregator``). ``eager``: an idle worker takes the first job and whatever else is queued
 at that moment, up to ``batch_size``, and never waits: under light load a request runs at once;
 under heavy load the queue fills while the worker is busy, so batches still fill up.
-Both hand popped jobs back if cancelled (a worker retired while waiting).
+``torchserve`` hands popped jobs back if cancelled (a worker retired while it waited for
+more); ``eager`` never waits after popping.
 """
 
 from __future__ import annotations

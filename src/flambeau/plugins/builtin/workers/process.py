@@ -39,7 +39,6 @@ from flambeau.plugins.builtin.workers import WorkerDiedError, WorkerStartError, 
 from flambeau.plugins.builtin.workers.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     KIND_PARTIAL,
-    KIND_RESULT,
     PREFIX_SIZE,
     FrameError,
     decode_result,
@@ -387,12 +386,10 @@ class ProcessWorker:
                 except Exception:
                     log.exception("worker %s: on_partial callback failed", self._log_name)
             return
-        if body[0] == KIND_RESULT:
-            if self._partial_metrics:
-                result.metrics = [*self._partial_metrics, *result.metrics]
-            fut.set_result(result)
-            return
-        self._on_protocol_error(FrameError(f"unexpected frame kind 0x{body[0]:02x}"))
+        # decode_result accepts only partial and result frames: this is the result.
+        if self._partial_metrics:
+            result.metrics = [*self._partial_metrics, *result.metrics]
+        fut.set_result(result)
 
     def _on_protocol_error(self, exc: Exception) -> None:
         log.error("worker %s: protocol error, retiring it: %s", self._log_name, exc)

@@ -33,8 +33,9 @@ class ThreadWorker:
 
     ``pid`` is the server's own and ``memory_usage()`` the server's RSS: a thread has no
     memory of its own. ``WorkerSpec.env`` and ``python`` do not apply (one process, one
-    environment); ``cpu_affinity`` pins the worker thread (Linux), ``intra_op_threads`` is set
-    on it. A cancelled ``infer()`` retires the worker; its thread finishes the batch unseen.
+    environment); ``cpu_affinity`` pins the worker thread (Linux); ModelService applies
+    ``intra_op_threads``, which in one process is process-wide. A cancelled ``infer()`` retires the
+    worker; its thread finishes the batch unseen.
     """
 
     def __init__(self, spec: WorkerSpec, *, service_factory: str | None = None) -> None:
@@ -150,11 +151,6 @@ class ThreadWorker:
                 os.sched_setaffinity(0, spec.cpu_affinity)
             except OSError as exc:
                 log.warning("worker %s: cannot set CPU affinity: %s", self.worker_id, exc)
-        if spec.load.intra_op_threads > 0:
-            # torch is imported only when this backend is chosen and asks for it.
-            import torch
-
-            torch.set_num_threads(spec.load.intra_op_threads)
         factory = resolve_service_factory(self._service_factory)
         return factory(spec.load, send_intermediate=self._send_intermediate)
 

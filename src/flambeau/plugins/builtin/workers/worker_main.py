@@ -103,11 +103,7 @@ def _apply_worker_settings(spec: ModelLoadSpec, worker: dict[str, Any]) -> None:
             os.sched_setaffinity(0, cpus)
         except OSError as exc:
             log.warning("could not set CPU affinity %s: %s", cpus, exc)
-    if spec.intra_op_threads > 0:
-        # Only imported when asked for: handlers that do not use torch never pay for it.
-        import torch
-
-        torch.set_num_threads(spec.intra_op_threads)
+    # The torch thread count (spec.intra_op_threads) is ModelService.load's to apply.
 
 
 def _limit_response_sizes(result: BatchResult, max_bytes: int) -> BatchResult:
