@@ -235,3 +235,193 @@ async def test_every_future_is_resolved_exactly_once_under_crashes() -> None:
     assert all(r.body == r.request_id.encode() for r in ok)  # each got its own answer
     await pool.stop()
     assert pool.slots == []
+
+
+class GatedWorker:
+    """An in-process worker that holds up to ``max_in_flight`` batches and runs them in order,
+    each until the test opens its gate (or for ``run_s`` seconds)."""
+
+    device = "cpu"
+    pid = None
+
+    def __init__(self, spec: WorkerSpec, max_in_flight: int, run_s: float | None) -> None:
+        self.worker_id = spec.worker_id
+        self.max_in_flight = max_in_flight
+        self.run_s = run_s
+        self.sent: list[list[str]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self._order: asyncio.Lock = asyncio.Lock()
+        self.holding = 0
+        self.alive = True
+
+    async def start(self) -> None:
+        await asyncio.sleep(0)
+
+    async def infer(
+        self,
+        requests: Sequence[WorkerRequest],
+        on_partial: Callable[[list[WorkerResponse]], None] | None = None,
+    ) -> BatchResult:
+        assert self.holding < self.max_in_flight, "sent more batches than it takes"
+        names = [r.request_id for r in requests]
+        self.sent.append(names)
+        self.holding += 1
+        try:
+            async with self._order:  # one at a time, in the order sent
+                if self.run_s is None:
+                    gate = self.gates.setdefault(names[0], asyncio.Event())
+                    await gate.wait()
+                else:
+                    await asyncio.sleep(self.run_s)
+        finally:
+            self.holding -= 1
+        return BatchResult(responses=[WorkerResponse(n, body=n.encode()) for n in names])
+
+    def release(self, first_request_id: str) -> None:
+        self.gates.setdefault(first_request_id, asyncio.Event()).set()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        self.alive = False
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def memory_usage(self) -> int:
+        return 0
+
+
+def gated_pool(
+    queue: JobQueue,
+    *,
+    batch_size: int = 1,
+    max_in_flight: int = 2,
+    run_s: float | None = None,
+    response_timeout_s: float = 120.0,
+) -> tuple[WorkerPool, list[GatedWorker]]:
+    workers: list[GatedWorker] = []
+
+    class Backend:
+        def create_worker(self, spec: WorkerSpec) -> GatedWorker:
+            workers.append(GatedWorker(spec, max_in_flight, run_s))
+            return workers[-1]
+
+    counter = iter(range(9000, 10000))
+    pool = WorkerPool(
+        name="m",
+        queue=queue,
+        backend=Backend(),
+        batcher=EagerBatcher(),
+        settings=PoolSettings(batch_size=batch_size, response_timeout_s=response_timeout_s),
+        make_spec=lambda worker_id: WorkerSpec(worker_id, load=None),  # type: ignore[arg-type]
+        next_worker_id=lambda: str(next(counter)),
+    )
+    return pool, workers
+
+
+async def test_idle_workers_take_work_before_a_busy_worker_is_sent_more() -> None:
+    queue = JobQueue(100)
+    pool, workers = gated_pool(queue)
+    assert await pool.scale(2)
+    jobs = [make_job(queue, n) for n in range(2)]
+    for job in jobs:
+        queue.put(job)
+    await settle()
+    # Two jobs, two idle workers: one each, never both on one worker.
+    assert sorted(w.sent for w in workers) == [[["r0"]], [["r1"]]]
+    for worker in workers:
+        worker.release(worker.sent[0][0])
+    await asyncio.gather(*(job.future for job in jobs))
+    await pool.stop()
+
+
+async def test_a_busy_worker_is_sent_a_queued_batch_when_every_worker_is_busy() -> None:
+    queue = JobQueue(100)
+    pool, workers = gated_pool(queue)
+    assert await pool.scale(2)
+    jobs = [make_job(queue, n) for n in range(4)]
+    queue.put(jobs[0])
+    await settle()
+    queue.put(jobs[1])
+    await settle()
+    first = next(w for w in workers if w.sent == [["r0"]])
+    other = next(w for w in workers if w is not first)
+    assert other.sent == [["r1"]]
+    queue.put(jobs[2])
+    queue.put(jobs[3])
+    await settle()
+    first.release("r0")
+    await settle()
+    # r0 done: its worker takes r2, and is sent r3 too while r2 runs (the other one is busy).
+    assert first.sent == [["r0"], ["r2"], ["r3"]]
+    assert first.holding == 2
+    assert jobs[0].future.result().body == b"r0"
+    for name in ("r2", "r3"):
+        first.release(name)
+    other.release("r1")
+    assert [r.body for r in await asyncio.gather(*(j.future for j in jobs))] == [
+        b"r0",
+        b"r1",
+        b"r2",
+        b"r3",
+    ]
+    await pool.stop()
+
+
+async def test_only_a_full_batch_is_sent_ahead() -> None:
+    queue = JobQueue(100)
+    pool, workers = gated_pool(queue, batch_size=2)
+    assert await pool.scale(1)
+    jobs = [make_job(queue, n) for n in range(5)]
+    queue.put(jobs[0])
+    queue.put(jobs[1])
+    await settle()
+    (worker,) = workers
+    queue.put(jobs[2])
+    await settle()
+    worker.release("r0")
+    await settle()
+    # One job queued behind [r0, r1] is not a full batch: the worker gets it only when idle.
+    assert worker.sent == [["r0", "r1"], ["r2"]]
+    queue.put(jobs[3])
+    queue.put(jobs[4])
+    worker.release("r2")
+    await settle()
+    assert worker.sent == [["r0", "r1"], ["r2"], ["r3", "r4"]]
+    worker.release("r3")
+    await asyncio.gather(*(j.future for j in jobs))
+    await pool.stop()
+
+
+async def test_a_batch_sent_ahead_gets_its_whole_timeout_after_the_one_before() -> None:
+    queue = JobQueue(100)
+    # Each batch runs 0.15 s; the second one ends 0.3 s after it was sent, past the 0.2 s
+    # response timeout measured from sending, within it measured from its start.
+    pool, workers = gated_pool(queue, max_in_flight=2, run_s=0.15, response_timeout_s=0.2)
+    assert await pool.scale(1)
+    jobs = [make_job(queue, n) for n in range(3)]
+    for job in jobs:
+        queue.put(job)
+    results = await asyncio.gather(*(j.future for j in jobs))
+    assert [r.body for r in results] == [b"r0", b"r1", b"r2"]
+    assert workers[0].sent == [["r0"], ["r1"], ["r2"]]
+    await pool.stop()
+
+
+async def test_retiring_a_worker_lets_the_batches_it_holds_finish() -> None:
+    queue = JobQueue(100)
+    pool, workers = gated_pool(queue)
+    assert await pool.scale(1)
+    jobs = [make_job(queue, n) for n in range(2)]
+    for job in jobs:
+        queue.put(job)
+    await settle()
+    (worker,) = workers
+    assert worker.sent == [["r0"], ["r1"]]
+    scaling = asyncio.ensure_future(pool.scale(0))
+    await settle()
+    assert not scaling.done()
+    worker.release("r0")
+    worker.release("r1")
+    await scaling
+    assert [j.future.result().body for j in jobs] == [b"r0", b"r1"]
+    assert worker.alive is False

@@ -2,6 +2,9 @@
 
 Each worker slot runs one loop: start a worker through the chosen backend, then repeatedly ask
 the batching strategy for a batch, run it with the response timeout, and resolve every job.
+A worker that takes more than one batch at a time (``max_in_flight``, the ``process`` backend's
+``worker_batches_in_flight``) is also sent a full, already queued batch while it runs one, when
+no other worker is idle; that batch's response timeout starts when the one ahead of it ends.
 A worker that dies or overruns its timeout is killed, its in-flight jobs fail with TorchServe's
 ``Worker died.``, and it is started again after a Fibonacci backoff (0, 1, 1, 2, 3, 5 ... s)
 while inside ``maxRetryTimeoutInSec``. Scaling down retires the newest slots after their
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +62,30 @@ class WorkerSlot:
     first_failure: float | None = None
     last_error: str = ""
     task: asyncio.Task[None] | None = None
-    batch_task: asyncio.Task[list[Any]] | None = None
+    # The strategy's pending next_batch: cancelling it is safe (strategies requeue), unlike
+    # a batch that the worker holds.
+    waiting: asyncio.Future[list[Any]] | None = None
+    running: set[asyncio.Future[bool]] = field(default_factory=set)
+    batch_ended: asyncio.Future[None] | None = None
+    worker_lost: bool = False
+    in_flight: int = 0
     started: asyncio.Future[bool] | None = None
-    busy: bool = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether the worker holds a batch of this slot's."""
+        return self.in_flight > 0
+
+
+class _Ahead:
+    """The batches one worker holds, oldest first; only the oldest runs, so only its response
+    timeout is armed. ``head_since`` is when the oldest started running."""
+
+    __slots__ = ("deadlines", "head_since")
+
+    def __init__(self) -> None:
+        self.deadlines: deque[asyncio.Timeout] = deque()
+        self.head_since = 0.0
 
 
 def fibonacci_backoff(attempt: int) -> float:
@@ -132,8 +157,8 @@ class WorkerPool:
         slot.retired = True
         slot.status = "UNLOADING"
         # Waiting for a batch is safe to cancel (strategies requeue); running one is not.
-        if slot.batch_task is not None and not slot.busy:
-            slot.batch_task.cancel()
+        if slot.waiting is not None:
+            slot.waiting.cancel()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         for slot in self.slots:
@@ -291,34 +316,96 @@ class WorkerPool:
             self._release(spec)
 
     async def _serve(self, slot: WorkerSlot, worker: Worker) -> None:
-        settings = self.settings
-        while not slot.retired:
-            slot.batch_task = asyncio.ensure_future(
-                self.batcher.next_batch(self.queue, settings.batch_size, settings.max_batch_delay_s)
-            )
-            try:
-                batch: list[InferenceJob] = await slot.batch_task
-            except asyncio.CancelledError:
-                if slot.retired:
-                    return
-                raise
-            finally:
-                slot.batch_task = None
-            batch = [job for job in batch if not job.future.done()]
-            if not batch:
-                continue
-            slot.busy = True
-            try:
-                alive = await self._run_batch(worker, batch)
-            finally:
-                slot.busy = False
-            if not alive:
-                return
-            # A worker that served a batch is healthy again: the next crash restarts at once.
-            slot.failures = 0
+        """Feed one worker until it is lost or the slot retires.
 
-    async def _run_batch(self, worker: Worker, batch: list[InferenceJob]) -> bool:
+        An idle worker waits for the batching strategy's next batch. A worker that takes more
+        than one batch at a time is also sent, while it runs one, a full batch that is already
+        queued, provided no other worker of the pool is idle: pipelining never takes work from
+        an idle worker and never makes a batch smaller than waiting would have.
+        """
+        slot.worker_lost = False
+        ahead = _Ahead()
+        depth = max(1, int(getattr(worker, "max_in_flight", 1)))
+        loop = asyncio.get_running_loop()
+        while not slot.retired and not slot.worker_lost:
+            if not slot.running:
+                batch = await self._next_batch(slot)
+                if batch:
+                    self._launch(slot, worker, batch, ahead)
+            while len(slot.running) < depth and self._may_pipeline(slot):
+                self._launch(slot, worker, self._full_batch_nowait(), ahead)
+            if slot.running and not slot.worker_lost:
+                slot.batch_ended = loop.create_future()
+                await slot.batch_ended
+        if slot.retired and not slot.worker_lost and slot.running:
+            # Retiring: the batches the worker holds finish before it stops.
+            await asyncio.gather(*slot.running, return_exceptions=True)
+
+    async def _next_batch(self, slot: WorkerSlot) -> list[InferenceJob]:
+        """The strategy's next batch of live jobs; empty when cancelled by a retire."""
+        settings = self.settings
+        waiting: asyncio.Future[list[Any]] = asyncio.ensure_future(
+            self.batcher.next_batch(self.queue, settings.batch_size, settings.max_batch_delay_s)
+        )
+        slot.waiting = waiting
+        try:
+            batch: list[InferenceJob] = await waiting
+        except asyncio.CancelledError:
+            if slot.retired:
+                return []
+            raise
+        finally:
+            slot.waiting = None
+        return [job for job in batch if not job.future.done()]
+
+    def _may_pipeline(self, slot: WorkerSlot) -> bool:
+        if slot.worker_lost or len(self.queue) < self.settings.batch_size:
+            return False
+        return not any(
+            other.in_flight == 0 and other.worker is not None and not other.retired
+            for other in self.slots
+            if other is not slot
+        )
+
+    def _full_batch_nowait(self) -> list[InferenceJob]:
+        batch: list[InferenceJob] = []
+        while len(batch) < self.settings.batch_size:
+            job = self.queue.pop_nowait()
+            if job is None:
+                break
+            batch.append(job)
+        return batch
+
+    def _launch(
+        self, slot: WorkerSlot, worker: Worker, batch: list[InferenceJob], ahead: _Ahead
+    ) -> None:
+        if not batch:
+            return
+        slot.in_flight += 1
+        task = asyncio.ensure_future(self._run_batch(worker, batch, ahead))
+        slot.running.add(task)
+
+        def ended(task: asyncio.Future[bool]) -> None:
+            slot.in_flight -= 1
+            slot.running.discard(task)
+            alive = not task.cancelled() and task.exception() is None and task.result()
+            if alive:
+                # A worker that served a batch is healthy again: the next crash restarts at
+                # once.
+                slot.failures = 0
+            else:
+                slot.worker_lost = True
+            if slot.batch_ended is not None and not slot.batch_ended.done():
+                slot.batch_ended.set_result(None)
+
+        task.add_done_callback(ended)
+
+    async def _run_batch(
+        self, worker: Worker, batch: list[InferenceJob], ahead: _Ahead | None = None
+    ) -> bool:
         """Run one batch; False when the worker must be replaced."""
+        ahead = ahead if ahead is not None else _Ahead()
+        loop = asyncio.get_running_loop()
         started = time.monotonic()
         for job in batch:
             job.started_at = started
@@ -330,10 +417,24 @@ class WorkerPool:
                 if job is not None and job.on_partial is not None:
                     job.on_partial(response)
 
+        timeout_s = self.settings.response_timeout_s
         try:
             # asyncio.timeout arms one timer; wait_for would also wrap infer in a Task per batch.
-            async with asyncio.timeout(self.settings.response_timeout_s):
-                result = await worker.infer([job.request for job in batch], on_partial)
+            # A batch queued behind another is armed when that one ends (below).
+            async with asyncio.timeout(None) as deadline:
+                if not ahead.deadlines:
+                    deadline.reschedule(loop.time() + timeout_s)
+                    ahead.head_since = started
+                ahead.deadlines.append(deadline)
+                try:
+                    result = await worker.infer([job.request for job in batch], on_partial)
+                finally:
+                    # Handler time counts from when this batch started running, not from send.
+                    ran_from = ahead.head_since if ahead.deadlines[0] is deadline else started
+                    ahead.deadlines.remove(deadline)
+                    if ahead.deadlines and ahead.deadlines[0].when() is None:
+                        ahead.deadlines[0].reschedule(loop.time() + timeout_s)
+                        ahead.head_since = time.monotonic()
         except TimeoutError:
             log.error("%s worker %s: response timeout, killing it", self.name, worker.worker_id)
             self._fail(batch, InternalServerError(WORKER_DIED))
@@ -349,7 +450,7 @@ class WorkerPool:
         self._resolve(batch, result)
         if self._on_batch is not None:
             queued = sum(started - job.enqueued_at for job in batch) / len(batch)
-            self._on_batch(len(batch), queued, time.monotonic() - started)
+            self._on_batch(len(batch), queued, time.monotonic() - ran_from)
         if result.metrics and self._on_metrics is not None:
             self._on_metrics(result.metrics)
         return True

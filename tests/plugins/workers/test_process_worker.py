@@ -360,13 +360,45 @@ def test_cancelled_infer_retires_the_worker_and_stop_kills_it_fast(
     run(scenario())
 
 
-def test_one_batch_in_flight_at_a_time(
+def test_batches_in_flight_are_bounded_and_answered_in_order(
     make_model: Callable[..., Path], make_spec: Callable[..., WorkerSpec]
 ) -> None:
     spec = make_spec(make_model())
 
     async def scenario() -> None:
-        worker = backend("workers_stub_service:StubService.load").create_worker(spec)
+        worker = backend("workers_stub_service:StubService.load", max_in_flight=2).create_worker(
+            spec
+        )
+        await worker.start()
+        try:
+            first = asyncio.ensure_future(worker.infer([req("a", op="sleep", s=0.3)]))
+            second = asyncio.ensure_future(worker.infer([req("b", op="double", x=[1, 2])]))
+            order: list[str] = []
+            first.add_done_callback(lambda _: order.append("a"))
+            second.add_done_callback(lambda _: order.append("b"))
+            await asyncio.sleep(0.05)
+            with pytest.raises(RuntimeError, match="in flight"):
+                await worker.infer([req("c", op="noop")])
+            # The second batch waited in the socket behind the first, then ran.
+            assert (await first).responses[0].body == b"woke up"
+            assert body_json((await second).responses[0]) == [2, 4]
+            await asyncio.sleep(0)  # done callbacks run on the next loop pass
+            assert order == ["a", "b"]
+        finally:
+            await worker.stop()
+
+    run(scenario())
+
+
+def test_one_batch_in_flight_when_configured_so(
+    make_model: Callable[..., Path], make_spec: Callable[..., WorkerSpec]
+) -> None:
+    spec = make_spec(make_model())
+
+    async def scenario() -> None:
+        worker = backend("workers_stub_service:StubService.load", max_in_flight=1).create_worker(
+            spec
+        )
         await worker.start()
         try:
             first = asyncio.ensure_future(worker.infer([req("a", op="sleep", s=0.3)]))
@@ -374,6 +406,32 @@ def test_one_batch_in_flight_at_a_time(
             with pytest.raises(RuntimeError, match="in flight"):
                 await worker.infer([req("b", op="noop")])
             assert (await first).responses[0].body == b"woke up"
+        finally:
+            await worker.stop()
+
+    run(scenario())
+
+
+def test_a_worker_that_dies_fails_every_batch_it_holds(
+    make_model: Callable[..., Path], make_spec: Callable[..., WorkerSpec]
+) -> None:
+    spec = make_spec(make_model())
+
+    async def scenario() -> None:
+        worker = backend("workers_stub_service:StubService.load", max_in_flight=2).create_worker(
+            spec
+        )
+        await worker.start()
+        try:
+            first = asyncio.ensure_future(worker.infer([req("a", op="sleep", s=5)]))
+            second = asyncio.ensure_future(worker.infer([req("b", op="noop")]))
+            await asyncio.sleep(0.1)
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)
+            results = await asyncio.wait_for(
+                asyncio.gather(first, second, return_exceptions=True), 5
+            )
+            assert all(isinstance(r, WorkerDiedError) for r in results), results
         finally:
             await worker.stop()
 
@@ -433,7 +491,7 @@ def test_size_limits_on_requests_and_responses(
 def test_backend_builds_from_server_config(tmp_path: Path) -> None:
     class Config:
         def get_int(self, key: str, default: int) -> int:
-            return {"max_request_size": 1234}.get(key, default)
+            return {"max_request_size": 1234, "worker_batches_in_flight": 1}.get(key, default)
 
         def get_str(self, key: str, default: str) -> str:
             return {"blacklist_env_vars": "SECRET_.*"}.get(key, default)
@@ -442,3 +500,4 @@ def test_backend_builds_from_server_config(tmp_path: Path) -> None:
     assert built.max_request_bytes == 1234
     assert built.env_blacklist == "SECRET_.*"
     assert built.log_dir == str(tmp_path)
+    assert built.max_in_flight == 1

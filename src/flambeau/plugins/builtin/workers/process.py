@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +58,7 @@ _FRAME_SLACK = 1 << 20  # ids, headers and metrics around the bodies of a batch
 _LOG_TAIL_LINES = 40
 _ERROR_TAIL_LINES = 15
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+DEFAULT_BATCHES_IN_FLIGHT = 2
 
 _T = TypeVar("_T")
 
@@ -68,12 +69,24 @@ def _frame_cap(per_item: int, batch_size: int) -> int:
     return min(per_item * max(batch_size, 1) + _FRAME_SLACK, DEFAULT_MAX_FRAME_BYTES)
 
 
+@dataclass(slots=True, eq=False)
+class _Sent:
+    """A frame the worker has been sent and not yet answered (answers come back in order)."""
+
+    future: asyncio.Future[BatchResult]
+    on_partial: Callable[[list[WorkerResponse]], None] | None = None
+    partial_metrics: list[MetricRecord] = field(default_factory=list)
+
+
 class ProcessWorker:
     """One model instance in its own OS process (implements :class:`flambeau.api.Worker`).
 
-    Life cycle: ``start()`` once, ``infer()`` one batch at a time, ``stop()`` (idempotent).
-    A cancelled ``infer()`` (the pool's response timeout) leaves the worker unusable; the
-    pool must then call ``stop()``, which kills the process without waiting for it.
+    Life cycle: ``start()`` once, ``infer()`` up to ``max_in_flight`` batches at a time,
+    ``stop()`` (idempotent). The worker answers frames in the order it got them, so a batch sent
+    while another runs waits in the socket and starts the moment the first ends: the worker
+    never sleeps between batches under load, and the server writes to a worker that is
+    already awake. A cancelled ``infer()`` (the pool's response timeout) leaves the worker
+    unusable; the pool must then call ``stop()``, which kills the process without waiting.
     """
 
     def __init__(
@@ -84,6 +97,7 @@ class ProcessWorker:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         env_blacklist: str = "",
         service_factory: str | None = None,
+        max_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
     ) -> None:
         self.worker_id = spec.worker_id
         self.device = spec.device
@@ -104,9 +118,8 @@ class ProcessWorker:
         self._pumps: list[OutputPump] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._transport: asyncio.Transport | None = None
-        self._pending: asyncio.Future[BatchResult] | None = None
-        self._on_partial: Callable[[list[WorkerResponse]], None] | None = None
-        self._partial_metrics: list[MetricRecord] = []
+        self.max_in_flight = max(1, max_in_flight)
+        self._sent: deque[_Sent] = deque()
         self._stop_task: asyncio.Task[None] | None = None
         self._log_fd: int | None = None
         self._tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
@@ -164,8 +177,8 @@ class ProcessWorker:
         on_partial: Callable[[list[WorkerResponse]], None] | None = None,
     ) -> BatchResult:
         """Send one batch and wait for its result; streaming chunks go to ``on_partial``."""
-        if self._pending is not None:
-            raise RuntimeError(f"worker {self.worker_id} already has a batch in flight")
+        if len(self._sent) >= self.max_in_flight:
+            raise RuntimeError(f"worker {self.worker_id} already has {len(self._sent)} in flight")
         transport = self._transport
         if not self.is_alive() or transport is None or transport.is_closing():
             raise WorkerDiedError(died_status(self.exit_code), exit_code=self.exit_code)
@@ -179,21 +192,21 @@ class ProcessWorker:
                 f"({self._max_request_frame} bytes)"
             )
         assert self._loop is not None
-        fut: asyncio.Future[BatchResult] = self._loop.create_future()
-        self._pending = fut
-        self._on_partial = on_partial
-        self._partial_metrics = []
+        sent = _Sent(self._loop.create_future(), on_partial)
+        self._sent.append(sent)
         transport.write(frame)
         try:
-            return await fut
+            return await sent.future
         except asyncio.CancelledError:
             # The answer may still come and would be taken for the next batch's: retire.
             if self._state == "ready":
                 self._state = "broken"
             raise
         finally:
-            self._pending = None
-            self._on_partial = None
+            if self._sent and self._sent[0] is sent:
+                self._sent.popleft()
+            elif sent in self._sent:
+                self._sent.remove(sent)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Shut the worker down and reap it: shutdown frame, then SIGTERM, then SIGKILL.
@@ -201,7 +214,7 @@ class ProcessWorker:
         Safe to call in any state and more than once; concurrent calls share one shutdown.
         """
         if self._stop_task is None:
-            graceful = self._state == "ready" and self._pending is None
+            graceful = self._state == "ready" and not self._sent
             self._stop_task = asyncio.ensure_future(self._shutdown(timeout_s, graceful=graceful))
         # Shielded: a caller that gives up waiting must not abandon the reaping half-way.
         await asyncio.shield(self._stop_task)
@@ -236,8 +249,8 @@ class ProcessWorker:
         )
         transport, _ = await loop.create_unix_connection(lambda: protocol, sock=conn)
         self._transport = transport
-        fut: asyncio.Future[BatchResult] = loop.create_future()
-        self._pending = fut
+        load = _Sent(loop.create_future())
+        self._sent.append(load)
         worker = {
             "worker_id": spec.worker_id,
             "device": spec.device,
@@ -246,9 +259,9 @@ class ProcessWorker:
         }
         transport.write(encode_load(spec.load, worker))
         try:
-            result = await self._before_deadline(fut, deadline)
+            result = await self._before_deadline(load.future, deadline)
         finally:
-            self._pending = None
+            self._sent.clear()
         if result.code != 200:
             # The worker exits after a failed load; let it finish writing its traceback.
             await self._wait_exit(2.0)
@@ -368,18 +381,18 @@ class ProcessWorker:
         except FrameError as exc:
             self._on_protocol_error(exc)
             return
-        fut = self._pending
-        if fut is None or fut.done():
+        sent = self._sent[0] if self._sent else None
+        if sent is None or sent.future.done():
             # After a cancelled batch the late answer lands here; the worker is retired anyway.
             log.warning("worker %s: frame with no batch in flight, dropped", self._log_name)
             return
         if body[0] == KIND_PARTIAL:
             if result.metrics:
-                self._partial_metrics.extend(result.metrics)
+                sent.partial_metrics.extend(result.metrics)
             if result.code != 200:
                 # A chunk the SDK could not build; the final result still decides the batch.
                 log.warning("worker %s: streamed chunk failed: %s", self._log_name, result.message)
-            callback = self._on_partial
+            callback = sent.on_partial
             if callback is not None and result.responses:
                 try:
                     callback(result.responses)
@@ -387,9 +400,11 @@ class ProcessWorker:
                     log.exception("worker %s: on_partial callback failed", self._log_name)
             return
         # decode_result accepts only partial and result frames: this is the result.
-        if self._partial_metrics:
-            result.metrics = [*self._partial_metrics, *result.metrics]
-        fut.set_result(result)
+        if sent.partial_metrics:
+            result.metrics = [*sent.partial_metrics, *result.metrics]
+        # The answer is the oldest frame's: the next one in the queue is now running.
+        self._sent.popleft()
+        sent.future.set_result(result)
 
     def _on_protocol_error(self, exc: Exception) -> None:
         log.error("worker %s: protocol error, retiring it: %s", self._log_name, exc)
@@ -401,7 +416,7 @@ class ProcessWorker:
     def _on_connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._retire()
-        if self._pending is not None and not self._pending.done():
+        if any(not sent.future.done() for sent in self._sent):
             # The exit code usually follows the EOF within milliseconds; it tells 500 from 507.
             task = asyncio.ensure_future(self._fail_after_exit(1.0))
             self._background.add(task)
@@ -412,9 +427,9 @@ class ProcessWorker:
         self._fail_pending(WorkerDiedError(died_status(self.exit_code), exit_code=self.exit_code))
 
     def _fail_pending(self, error: Exception) -> None:
-        fut = self._pending
-        if fut is not None and not fut.done():
-            fut.set_exception(error)
+        for sent in self._sent:
+            if not sent.future.done():
+                sent.future.set_exception(error)
 
     def _retire(self) -> None:
         if self._state in ("ready", "starting"):
@@ -537,14 +552,16 @@ class ProcessWorkerBackend:
     Plain keyword arguments, so tests need no server: ``max_request_bytes`` sizes the frame
     limit (TorchServe's ``max_request_size``), ``env_blacklist`` is a regex of server
     environment variables workers must not inherit (``blacklist_env_vars``), ``log_dir`` is
-    used when a WorkerSpec has none, and ``service_factory`` (``module:attr``) replaces the
-    handler SDK's loader, for tests.
+    used when a WorkerSpec has none, ``service_factory`` (``module:attr``) replaces the
+    handler SDK's loader, for tests, and ``max_in_flight`` is how many batches a worker is sent
+    before it answers the first (``worker_batches_in_flight``; 1 is TorchServe's one at a time).
     """
 
     log_dir: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     env_blacklist: str = ""
     service_factory: str | None = None
+    max_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
 
     @classmethod
     def from_config(cls, config: Any, log_dir: str | None) -> ProcessWorkerBackend:
@@ -553,6 +570,7 @@ class ProcessWorkerBackend:
             log_dir=log_dir,
             max_request_bytes=config.get_int("max_request_size", DEFAULT_MAX_REQUEST_BYTES),
             env_blacklist=config.get_str("blacklist_env_vars", "") or "",
+            max_in_flight=config.get_int("worker_batches_in_flight", DEFAULT_BATCHES_IN_FLIGHT),
         )
 
     def create_worker(self, spec: WorkerSpec) -> ProcessWorker:
@@ -562,4 +580,5 @@ class ProcessWorkerBackend:
             max_request_bytes=self.max_request_bytes,
             env_blacklist=self.env_blacklist,
             service_factory=self.service_factory,
+            max_in_flight=self.max_in_flight,
         )
