@@ -59,6 +59,33 @@ def test_explicit_dimensions_are_not_overridden_and_not_shared(cache: MetricsCac
     assert second.dimensions == MODEL_DIMS
 
 
+def test_one_name_alternating_between_explicit_and_default_dimensions(cache: MetricsCache):
+    cache.add_time("Step", 1, dimensions=[Dimension("Stage", "pre")])
+    cache.add_time("Step", 2)
+    cache.add_time("Step", 3)
+    cache.add_error("Step", 1)
+    cache.add_error("Step", 1)
+    records = cache.drain()
+    assert [r.dimensions for r in records] == [
+        (("Stage", "pre"), *MODEL_DIMS),
+        MODEL_DIMS,
+        MODEL_DIMS,
+        (("Level", "Error"),),
+        (("Level", "Error"),),
+    ]
+    assert cache.get_metric("Step", MetricTypes.GAUGE).dimension_names == ["ModelName", "Level"]
+    assert cache.get_metric("Step").dimension_names == ["Level"]
+
+
+def test_default_dimensions_follow_the_model_name(cache: MetricsCache):
+    cache.add_counter("Hits", 1)
+    cache.model_name = "renamed"
+    cache.add_counter("Hits", 1)
+    first, second = cache.drain()
+    assert first.dimensions == MODEL_DIMS
+    assert second.dimensions == (("ModelName", "renamed"), ("Level", "Model"))
+
+
 def test_unit_validation():
     cache = MetricsCache("m")
     with pytest.raises(MetricsCacheValueError):

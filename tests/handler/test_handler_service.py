@@ -22,6 +22,7 @@ from handler_testlib import (
 from flambeau.api import RequestInput, WorkerRequest
 from flambeau.handler.errors import HandlerLoadError, HandlerOutOfMemoryError
 from flambeau.handler.service import ModelService, decode_input
+from flambeau.handler.utils import encode_output
 
 # TorchScript is deprecated in recent torch, but TorchServe archives still ship it.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch\\.jit.*:DeprecationWarning")
@@ -94,6 +95,29 @@ def test_describe_and_explain_headers(tmp_path: Path, load_service):
         {"target": 0, "shape": [4]},
     ]
     assert service.handler.explain is True
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["profiler-env", "no-env"])
+def test_torch_profiler_env_switches_the_request_path(
+    tmp_path: Path, load_service, monkeypatch, enabled
+):
+    if enabled:
+        monkeypatch.setenv("ENABLE_TORCH_PROFILER", "true")
+    else:
+        monkeypatch.delenv("ENABLE_TORCH_PROFILER", raising=False)
+    model_dir, _ = make_mlp_dir(tmp_path)
+    service = load_service(spec(model_dir, "mlp_handler"))
+    profiled: list[object] = []
+
+    def fake_profiler(data):
+        profiled.append(data)
+        return ["profiled"] * len(data)
+
+    monkeypatch.setattr(service.handler, "_infer_with_profiler", fake_profiler)
+    for rid in "ab":
+        result = service.predict([json_request(rid, ROWS[0])])
+        assert (result.responses[0].body == b"profiled") is enabled
+    assert len(profiled) == (2 if enabled else 0)
 
 
 # ---- function handlers ------------------------------------------------------------------
@@ -322,6 +346,41 @@ def test_outputs_are_encoded_like_torchserve(tmp_path: Path, load_service):
     assert torch.equal(torch.load(io.BytesIO(bodies[4])), torch.tensor([1.5, 2.5]))
 
 
+class _Number(float):
+    def __repr__(self) -> str:
+        return "not what json writes"
+
+
+_CYCLE: list[object] = []
+_CYCLE.append(_CYCLE)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [0.1, -2.5, 1e300, 5e-324, -0.0, 3, True, None],
+        [float("nan"), float("inf"), -float("inf")],
+        [[1.0, [2, []]], {}, [], ("a,b", ["]", 1.5])],
+        {'label \u00e9\n"q"': 0.25, "other": {"nested": [None, False]}, "empty": {}},
+        (1, (2.5, "x"), {"k": ()}),
+        [12345678901234567890123, "\ud800 lone surrogate"],
+        42,
+        # left to json.dumps: subclasses and keys that are not str
+        [_Number(1.5)],
+        {3: "int key", 2.5: "float key", None: "null key", True: "bool key"},
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_json_outputs_are_exactly_json_dumps_indent_2(value):
+    assert encode_output(value) == json.dumps(value, indent=2).encode()
+
+
+@pytest.mark.parametrize("value", [_CYCLE, [object()], {"a": {1, 2}}, {(1, 2): "tuple key"}])
+def test_outputs_json_cannot_take_are_type_errors(value):
+    with pytest.raises(TypeError, match="cannot serialise model output"):
+        encode_output(value)
+
+
 def test_empty_batch_does_not_call_the_handler(tmp_path: Path, load_service):
     model_dir = tmp_path / "errors"
     write(model_dir / "error_handler.py", ERROR_HANDLER)
@@ -381,6 +440,25 @@ def test_base_handler_records_handler_time(tmp_path: Path, load_service):
     names = {m.name: m for m in service.drain_metrics()}
     assert set(names) == {"HandlerTime", "PredictionTime"}
     assert names["HandlerTime"].dimensions == (("ModelName", "mlp"), ("Level", "Model"))
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ({"handler": {"profile": True}}, ["ts_handler_inference", "HandlerTime", "PredictionTime"]),
+        ({"handler": {"profile": False}}, ["HandlerTime", "PredictionTime"]),
+        ({"handler": None}, ["HandlerTime", "PredictionTime"]),
+        ({}, ["HandlerTime", "PredictionTime"]),
+    ],
+    ids=["profile", "profile-off", "handler-null", "no-config"],
+)
+def test_handler_profile_config_times_the_timed_steps(tmp_path: Path, load_service, config, names):
+    model_dir, _ = make_mlp_dir(tmp_path)
+    # MLPHandler overrides preprocess/postprocess; only BaseHandler.inference is @timed.
+    service = load_service(spec(model_dir, "mlp_handler", model_yaml_config=config))
+    service.drain_metrics()
+    service.predict([json_request("a", ROWS[0])])
+    assert [m.name for m in service.drain_metrics()] == names
 
 
 def test_failed_prediction_records_no_prediction_time(tmp_path: Path, load_service):

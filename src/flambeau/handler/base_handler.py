@@ -41,6 +41,10 @@ class BaseHandler:
     * model-config ``pt2: {compile: {enable: true, ...}}`` wraps the model in torch.compile.
     """
 
+    # Whether env ENABLE_TORCH_PROFILER is set, read at the first request. A class-level
+    # default, so subclasses whose __init__ skips ours still get it.
+    _torch_profiler: bool | None = None
+
     def __init__(self) -> None:
         self.model: Any = None
         self.mapping: dict[str, str] | None = None
@@ -183,7 +187,7 @@ class BaseHandler:
         """
         start_time = time.time()
         self.context = context
-        if os.environ.get("ENABLE_TORCH_PROFILER"):
+        if self._profiler_enabled():
             output = self._infer_with_profiler(data)
         elif self._is_describe():
             output = [self.describe_handle()]
@@ -197,6 +201,14 @@ class BaseHandler:
         duration = round((time.time() - start_time) * 1000, 2)
         context.metrics.add_time("HandlerTime", duration, None, "ms")
         return output
+
+    def _profiler_enabled(self) -> bool:
+        # Environment lookups cost a microsecond each; the worker's environment is fixed
+        # once requests flow, so the first request reads it for the rest.
+        enabled = self._torch_profiler
+        if enabled is None:
+            enabled = self._torch_profiler = bool(os.environ.get("ENABLE_TORCH_PROFILER"))
+        return enabled
 
     def _infer_with_profiler(self, data: Any) -> Any:
         """preprocess/inference/postprocess under torch.profiler (env ENABLE_TORCH_PROFILER)."""

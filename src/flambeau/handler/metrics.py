@@ -47,6 +47,9 @@ UNIT_ALIASES: Mapping[str, str] = {
 
 DEFAULT_MAX_RECORDS = 10_000
 
+# A tuple, not ``int | float``: that expression builds a new union object on every update.
+_NUMBER_TYPES = (int, float)
+
 
 class GeneralMetricsCacheError(Exception):
     """Base of the metrics-cache errors (``ts.metrics.metric_cache_errors``)."""
@@ -164,15 +167,16 @@ class CachingMetric:
         is logged and dropped rather than raised, so metrics never fail a prediction.
         """
         values = list(dimension_values)
-        if len(values) != len(self.dimension_names):
+        names = self.dimension_names
+        if len(values) != len(names):
             logger.error(
                 "Failed to update metric %s: dimension values %s do not match names %s",
                 self.metric_name,
                 values,
-                self.dimension_names,
+                names,
             )
             return
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not isinstance(value, _NUMBER_TYPES) or isinstance(value, bool):
             logger.error(
                 "Failed to update metric %s: value %r is not a number", self.metric_name, value
             )
@@ -186,9 +190,7 @@ class CachingMetric:
             name=self.metric_name,
             value=float(value),
             unit=self.unit,
-            dimensions=tuple(
-                (name, str(val)) for name, val in zip(self.dimension_names, values, strict=True)
-            ),
+            dimensions=tuple(zip(names, map(str, values), strict=True)),
             metric_type=self.metric_type.name,
             request_id=request_id or None,
         )
@@ -281,9 +283,21 @@ class MetricsCache:
         error: bool = False,
     ) -> None:
         req_id = None if error else self._get_req(idx)
-        dims = self._add_default_dims(_dimensions(dimensions), error=error)
-        metric = self._get_or_add_metric(name, unit, dims, _metric_type(metric_type))
-        metric.add_or_update(value, [d.value for d in dims], req_id)
+        names: list[str]
+        values: list[Any]
+        if dimensions is None:
+            # Most emits (HandlerTime and PredictionTime on every batch) carry only the
+            # default dimensions: no Dimension objects to build and look through.
+            if error:
+                names, values = ["Level"], ["Error"]
+            else:
+                names, values = ["ModelName", "Level"], [self.model_name, "Model"]
+        else:
+            dims = self._add_default_dims(_dimensions(dimensions), error=error)
+            names = [d.name for d in dims]
+            values = [d.value for d in dims]
+        metric = self._get_or_add_metric(name, unit, names, _metric_type(metric_type))
+        metric.add_or_update(value, values, req_id)
 
     def add_metric(
         self,
@@ -401,11 +415,11 @@ class MetricsCache:
         )
 
     def _get_or_add_metric(
-        self, name: str, unit: str, dimensions: list[Dimension], metric_type: MetricTypes
+        self, name: str, unit: str, dimension_names: list[str], metric_type: MetricTypes
     ) -> CachingMetric:
         metric = self.cache.get(metric_type, {}).get(name)
-        if metric is None or metric.dimension_names != [d.name for d in dimensions]:
-            metric = self.add_metric_to_cache(name, unit, [d.name for d in dimensions], metric_type)
+        if metric is None or metric.dimension_names != dimension_names:
+            metric = self.add_metric_to_cache(name, unit, dimension_names, metric_type)
         return metric
 
     def add_metric_to_cache(

@@ -116,6 +116,46 @@ def test_result_round_trip_keeps_every_field(partial: bool) -> None:
     assert decode_result(body) == result
 
 
+def _field(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">I", len(data)) + data
+
+
+def test_metric_bytes_follow_the_layout_every_time() -> None:
+    metric = MetricRecord("T", 1.5, "ms", (("k", "v"), ("ü", "")), "GAUGE", "r")
+    expected = (
+        struct.pack(">i", 200)
+        + _field("")
+        + struct.pack(">II", 0, 1)
+        + _field("T")
+        + struct.pack(">dBI", 1.5, 1, 2)
+        + _field("ms")
+        + _field("GAUGE")
+        + _field("r")
+        + _field("k")
+        + _field("v")
+        + _field("ü")
+        + _field("")
+    )
+    for attempt in ("first", "reusing the fields of the first"):
+        frame = encode_result(BatchResult(200, "", [], [metric]))
+        assert _body(frame) == bytes([KIND_RESULT]) + expected, attempt
+
+
+def test_many_distinct_metrics_and_list_dimensions_round_trip() -> None:
+    metrics = [
+        MetricRecord(f"M{i % 7}", float(i), "ms", (("request", f"r{i}"),), "GAUGE", f"r{i}")
+        for i in range(2000)
+    ]
+    for _ in range(2):
+        assert decode_result(_body(encode_result(BatchResult(200, "", [], metrics)))).metrics == (
+            metrics
+        )
+    as_list = MetricRecord("L", 1.0, "ms", [("a", "b")], "COUNTER")  # a list, not the tuple
+    (decoded,) = decode_result(_body(encode_result(BatchResult(200, "", [], [as_list])))).metrics
+    assert decoded.dimensions == (("a", "b"),)
+
+
 def test_error_result_round_trips() -> None:
     result = BatchResult(507, "Out of resources: ✗ ünïcødé")
     assert decode_result(_body(encode_result(result))) == result

@@ -8,6 +8,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -15,6 +16,7 @@ from flambeau.api import BatchResult, ModelLoadSpec, RequestInput, WorkerRequest
 from flambeau.plugins.builtin.workers.frames import (
     KIND_INFER,
     KIND_RESULT,
+    FrameError,
     decode_result,
     encode_inference,
     encode_load,
@@ -67,6 +69,99 @@ class Server:
             assert chunk, "worker closed the connection"
             data += chunk
         return data
+
+
+class ScriptedSocket:
+    """Hands the stream out in the given pieces, at most one per receive call, and records
+    how many bytes each call asked for (the most it could have allocated)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = [piece for piece in pieces if piece]
+        self.requested: list[int] = []
+
+    def _take(self, n: int) -> bytes:
+        self.requested.append(n)
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        if len(piece) > n:
+            self.pieces.insert(0, piece[n:])
+        return piece[:n]
+
+    def recv_into(self, buffer: memoryview) -> int:
+        data = self._take(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def recv(self, n: int) -> bytes:
+        return self._take(n)
+
+
+def connection(sock: ScriptedSocket, buffer_bytes: int = 1 << 16) -> WorkerConnection:
+    return WorkerConnection(cast(socket.socket, sock), 1 << 20, buffer_bytes=buffer_bytes)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def test_small_frames_cost_one_receive_and_may_share_it() -> None:
+    sock = ScriptedSocket(frame(b"Ione") + frame(b"Itwo"))
+    conn = connection(sock)
+    assert [conn.read_frame(), conn.read_frame(), conn.read_frame()] == [b"Ione", b"Itwo", None]
+    assert len(sock.requested) == 2  # one receive for both frames, one to see the end
+
+
+def test_frames_split_anywhere_are_reassembled() -> None:
+    stream = frame(b"I" + bytes(range(20))) + frame(b"S")
+    for cut in range(1, len(stream)):
+        conn = connection(ScriptedSocket(stream[:cut], stream[cut:]), buffer_bytes=24)
+        assert [conn.read_frame(), conn.read_frame(), conn.read_frame()] == [
+            b"I" + bytes(range(20)),
+            b"S",
+            None,
+        ], cut
+
+
+def test_many_frames_through_a_small_buffer_byte_by_byte() -> None:
+    bodies = [b"I" + bytes([i]) * i for i in range(1, 12)]
+    stream = b"".join(frame(body) for body in bodies)
+    conn = connection(ScriptedSocket(*(stream[i : i + 1] for i in range(len(stream)))), 16)
+    assert [conn.read_frame() for _ in bodies] == bodies
+    assert conn.read_frame() is None
+
+
+def test_frames_larger_than_the_buffer_are_received_in_bounded_pieces() -> None:
+    big = b"I" + bytes(range(256)) * 4
+    sock = ScriptedSocket(frame(big) + frame(b"Ismall"))
+    conn = connection(sock, buffer_bytes=64)
+    assert conn.read_frame() == big
+    assert conn.read_frame() == b"Ismall"
+    assert conn.read_frame() is None
+    assert max(sock.requested) <= 64
+
+
+def test_a_length_prefix_alone_allocates_nothing_for_the_frame() -> None:
+    sock = ScriptedSocket(struct.pack(">I", 1 << 20) + b"I")
+    conn = connection(sock, buffer_bytes=64)
+    with pytest.raises(FrameError, match="closed after"):
+        conn.read_frame()
+    assert max(sock.requested) <= 64
+
+
+@pytest.mark.parametrize(
+    ("stream", "error"),
+    [
+        (b"\x00\x00", "closed after 2 of 4 bytes"),
+        (frame(b"Ibody")[:-2], "closed after 7 of 9 bytes"),
+        (struct.pack(">I", (1 << 20) + 1), "exceeds the 1048576-byte limit"),
+        (struct.pack(">I", 0), "too small"),
+    ],
+    ids=["short-prefix", "short-body", "over-the-cap", "empty"],
+)
+def test_unreadable_streams_are_frame_errors(stream: bytes, error: str) -> None:
+    with pytest.raises(FrameError, match=error):
+        connection(ScriptedSocket(stream)).read_frame()
 
 
 @pytest.fixture

@@ -85,6 +85,9 @@ _METRIC_FIXED = struct.Struct(">dBI")  # value, has_request_id, dimension count
 
 _ENC = "utf-8"
 
+# A metric's encoded name, unit + type, and dimension fields (see _metric_fields).
+_MetricFields = tuple[bytes, bytes, bytes]
+
 
 class FrameError(ValueError):
     """A frame that is truncated, oversized, of an unknown kind, or otherwise malformed."""
@@ -370,29 +373,50 @@ def _encode_result(result: BatchResult, partial: bool) -> bytes:
         append(pack(len(body)))
         append(body)
     for metric in metrics:
-        name = metric.name.encode()
-        unit = metric.unit.encode()
-        mtype = metric.metric_type.encode()
-        dims = metric.dimensions
-        append(pack(len(name)))
+        name, unit_and_type, dims = _metric_fields(metric)
         append(name)
-        append(pack_metric(metric.value, 0 if metric.request_id is None else 1, len(dims)))
-        append(pack(len(unit)))
-        append(unit)
-        append(pack(len(mtype)))
-        append(mtype)
+        append(
+            pack_metric(metric.value, 0 if metric.request_id is None else 1, len(metric.dimensions))
+        )
+        append(unit_and_type)
         if metric.request_id is not None:
             rid = metric.request_id.encode()
             append(pack(len(rid)))
             append(rid)
-        for key, value in dims:
-            kb = key.encode()
-            vb = value.encode()
-            append(pack(len(kb)))
-            append(kb)
-            append(pack(len(vb)))
-            append(vb)
+        append(dims)
     return _finish(KIND_PARTIAL if partial else KIND_RESULT, parts)
+
+
+# Every batch sends the same few metrics (HandlerTime, PredictionTime...) with the same name,
+# unit, type and dimensions; only value and request id change. Their encoded fields are kept,
+# for a bounded number of distinct metrics (dimension values a handler makes up per request
+# would otherwise grow the cache without end).
+_METRIC_FIELDS_MAX = 512
+_metric_fields_cache: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], _MetricFields] = {}
+
+
+def _metric_fields(metric: MetricRecord) -> _MetricFields:
+    key = (metric.name, metric.unit, metric.metric_type, metric.dimensions)
+    try:
+        cached = _metric_fields_cache.get(key)
+    except TypeError:  # dimensions given as a list: correct, merely not cacheable
+        return _encode_metric_fields(metric)
+    if cached is None:
+        cached = _encode_metric_fields(metric)
+        if len(_metric_fields_cache) < _METRIC_FIELDS_MAX:
+            _metric_fields_cache[key] = cached
+    return cached
+
+
+def _encode_metric_fields(metric: MetricRecord) -> _MetricFields:
+    """The name field, the unit and type fields, and the dimension fields of ``metric``."""
+    pairs = b"".join(_field(key) + _field(value) for key, value in metric.dimensions)
+    return _field(metric.name), _field(metric.unit) + _field(metric.metric_type), pairs
+
+
+def _field(text: str) -> bytes:
+    data = text.encode()
+    return _U32.pack(len(data)) + data
 
 
 def decode_result(body: bytes | bytearray | memoryview) -> BatchResult:  # noqa: PLR0915

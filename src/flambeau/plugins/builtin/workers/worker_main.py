@@ -40,7 +40,8 @@ from flambeau.plugins.builtin.workers.frames import (
 __all__ = ["WorkerConnection", "main", "serve"]
 
 _PREFIX = struct.Struct(">I")
-_RECV_CHUNK = 1 << 16
+# Frames up to this size are read through the reusable receive buffer.
+_RECV_BUFFER = 1 << 16
 
 log = logging.getLogger("flambeau.worker")
 
@@ -52,25 +53,41 @@ EXIT_PROTOCOL = 2
 class WorkerConnection:
     """Blocking frame I/O on the worker's end of the socket.
 
+    Reads go through one reusable receive buffer, so a small frame (and often the next one
+    with it) costs a single ``recv_into`` rather than one ``recv`` for the length prefix and
+    another for the body. A frame too large for the buffer is received in pieces as its bytes
+    arrive: a length prefix alone never allocates the frame.
+
     Sends are locked because a handler may stream partial responses from a thread of its own
     while the main thread is about to send the final result.
     """
 
-    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, max_frame_bytes: int, *, buffer_bytes: int = _RECV_BUFFER
+    ) -> None:
         self._sock = sock
         self._max = max_frame_bytes
         self._send_lock = threading.Lock()
+        self._buf = bytearray(max(buffer_bytes, PREFIX_SIZE))
+        self._view = memoryview(self._buf)
+        # The received but unread bytes are self._buf[self._start:self._end].
+        self._start = 0
+        self._end = 0
 
     def read_frame(self) -> bytes | None:
         """The next frame body (kind byte first), or None at a clean end of stream."""
-        prefix = self._read_exactly(PREFIX_SIZE, eof_ok=True)
-        if prefix is None:
+        if self._end - self._start < PREFIX_SIZE and not self._fill(PREFIX_SIZE, eof_ok=True):
             return None
-        (length,) = _PREFIX.unpack(prefix)
+        (length,) = _PREFIX.unpack_from(self._buf, self._start)
         check_frame_length(length, self._max)
-        body = self._read_exactly(length, eof_ok=False)
-        assert body is not None  # eof_ok=False raises instead
-        return body
+        size = PREFIX_SIZE + length
+        if size > len(self._buf):
+            return self._read_large(length)
+        if self._end - self._start < size:
+            self._fill(size, eof_ok=False)
+        body_start = self._start + PREFIX_SIZE
+        self._start += size
+        return self._view[body_start : self._start].tobytes()
 
     def send(self, frame: bytes) -> None:
         with self._send_lock:
@@ -79,20 +96,41 @@ class WorkerConnection:
     def close(self) -> None:
         self._sock.close()
 
-    def _read_exactly(self, n: int, *, eof_ok: bool) -> bytes | None:
-        # recv() hands back bytes, so a frame that arrives in one piece is never copied again.
-        # Chunks stay small: recv(n) allocates n bytes before it knows how many arrived.
-        chunks: list[bytes] = []
-        got = 0
-        while got < n:
-            chunk = self._sock.recv(min(n - got, _RECV_CHUNK))
+    def _fill(self, n: int, *, eof_ok: bool) -> bool:
+        """Receive until ``n`` (at most the buffer size) unread bytes are buffered.
+
+        False at end of stream when nothing is buffered and ``eof_ok``; a stream that ends
+        anywhere else raises :class:`FrameError`.
+        """
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + n > len(self._buf):  # move the unread tail to the front for room
+            unread = self._end - self._start
+            self._buf[:unread] = self._buf[self._start : self._end]
+            self._start, self._end = 0, unread
+        while self._end - self._start < n:
+            got = self._sock.recv_into(self._view[self._end :])
+            if not got:
+                buffered = self._end - self._start
+                if buffered == 0 and eof_ok:
+                    return False
+                raise FrameError(f"connection closed after {buffered} of {n} bytes")
+            self._end += got
+        return True
+
+    def _read_large(self, length: int) -> bytes:
+        # What is buffered already belongs to this frame: the buffer is smaller than it.
+        chunks = [self._view[self._start + PREFIX_SIZE : self._end].tobytes()]
+        got = len(chunks[0])
+        self._start = self._end = 0
+        while got < length:
+            # recv(n) allocates n bytes before it knows how many arrived: keep n small.
+            chunk = self._sock.recv(min(length - got, len(self._buf)))
             if not chunk:
-                if got == 0 and eof_ok:
-                    return None
-                raise FrameError(f"connection closed after {got} of {n} bytes")
+                raise FrameError(f"connection closed after {got} of {length} bytes")
             chunks.append(chunk)
             got += len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)
 
 
 def _apply_worker_settings(spec: ModelLoadSpec, worker: dict[str, Any]) -> None:
