@@ -27,6 +27,7 @@ from flambeau.core.config import Config
 from flambeau.core.plugins import PluginOptions, load_plugins
 from flambeau.plugins.builtin.security import TOKEN_FAILED
 from flambeau.testing.fixtures import Response, ServerProcess, http_request
+from flambeau.web import Endpoint
 
 METRICS_PLUGIN = "flambeau.plugins.builtin.metrics.plugin"
 CORS_PLUGIN = "flambeau.plugins.builtin.cors"
@@ -201,6 +202,8 @@ def example_path(pattern: str) -> str:
 
 def _methods(handler: type[Any]) -> list[str]:
     """The HTTP methods a handler class implements itself."""
+    if issubclass(handler, Endpoint):
+        return sorted(handler.METHODS)
     base = tornado.web.RequestHandler
     return [
         method

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.httpserver
+import tornado.httputil
 import tornado.netutil
 import tornado.web
 
@@ -50,7 +51,7 @@ from flambeau.core.metrics import EXTRA, HOSTNAME, LATENCY_BUCKETS, Metrics
 from flambeau.core.models import ModelManager, cpu_count, python_for
 from flambeau.core.plugins import PluginSet, named
 from flambeau.core.settings import startup_default_workers
-from flambeau.web import ApiHandler, NotFoundHandler, Security
+from flambeau.web import ApiHandler, Endpoint, EndpointRouter, NotFoundHandler, Security
 
 log = logging.getLogger("flambeau.server")
 
@@ -329,12 +330,11 @@ class Server:
             origin=EXTRA,
         )
 
-    def observe_response(self, handler: ApiHandler) -> None:
-        status = handler.get_status()
+    def observe_response(self, request: tornado.httputil.HTTPServerRequest, status: int) -> None:
+        """Count one answered HTTP request and write its access-log line."""
         # TorchServe's classes: 2xx, 4xx, and everything else counts as 5XX.
         level = "2XX" if 200 <= status < 300 else "4XX" if 400 <= status < 500 else "5XX"
         self._requests[level].inc(("Host", HOSTNAME))
-        request = handler.request
         address = getattr(getattr(request.connection, "context", None), "address", None)
         peer = f"/{address[0]}:{address[1]}" if isinstance(address, tuple) else f"/{address or ''}"
         self._write_access(
@@ -386,15 +386,20 @@ class Server:
         for spec in sorted(self.routes, key=lambda r: order.get(r.listener, 3)):
             if spec.listener not in listeners:
                 continue
-            if not (isinstance(spec.handler, type) and issubclass(spec.handler, ApiHandler)):
-                raise ConfigError(
-                    f"route {spec.pattern}: handler must subclass flambeau.web.ApiHandler"
-                )
             kwargs = dict(spec.kwargs)
             kwargs.update(
                 route=spec, security=self.security, server=self, max_request_size=max_request
             )
-            rules.append(tornado.web.url(spec.pattern, spec.handler, kwargs, name=spec.name))
+            handler = spec.handler
+            if isinstance(handler, type) and issubclass(handler, Endpoint):
+                rules.append(tornado.web.url(spec.pattern, EndpointRouter(handler, kwargs)))
+            elif isinstance(handler, type) and issubclass(handler, ApiHandler):
+                rules.append(tornado.web.url(spec.pattern, handler, kwargs, name=spec.name))
+            else:
+                raise ConfigError(
+                    f"route {spec.pattern}: handler must subclass flambeau.web.ApiHandler "
+                    "or flambeau.web.Endpoint"
+                )
         fallback = RouteSpec(".*", NotFoundHandler, listener=sorted(listeners)[0], public=True)
         return tornado.web.Application(
             rules,

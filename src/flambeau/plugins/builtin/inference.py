@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from typing import Any
 
 import tornado.httputil
-import tornado.iostream
 
 from flambeau.api import (
     BadRequestError,
@@ -27,7 +25,9 @@ from flambeau.api import (
 )
 from flambeau.envelopes.dataplane import NoEnvelope, Submission, envelope_for
 from flambeau.plugins.builtin.openapi import document_for, model_inference_document
-from flambeau.web import ApiHandler
+from flambeau.web import ApiHandler, Endpoint, reason_for
+
+__all__ = ["HOP_BY_HOP", "PredictionHandler", "parse_inputs", "reason_for"]
 
 log = logging.getLogger("flambeau.inference")
 
@@ -57,19 +57,13 @@ def parse_inputs(content_type_header: str, body: bytes, headers: Any) -> list[Re
     return [RequestInput("body", body, media_type)]
 
 
-def reason_for(status: int, reason: str) -> str:
-    """The handler's phrase; else the standard one (TorchServe sends an empty phrase, which
-    Tornado cannot), else Netty's ``Server Error (N)`` for a code without one."""
-    if reason:
-        return reason
-    if status in HTTPStatus._value2member_map_:
-        return HTTPStatus(status).phrase
-    kind = {1: "Informational", 2: "Success", 3: "Redirection", 4: "Client Error"}
-    return f"{kind.get(status // 100, 'Server Error')} ({status})"
+class PredictionHandler(Endpoint):
+    """Every inference route (any HTTP method but OPTIONS and HEAD runs the model).
 
+    An :class:`~flambeau.web.Endpoint`: this is the server's hot path.
+    """
 
-class PredictionHandler(ApiHandler):
-    """Every inference route (any HTTP method but OPTIONS runs the model)."""
+    METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
     def setup(self, **kwargs: Any) -> None:
         self.explain = "True" if kwargs.pop("explain", False) else "False"
@@ -79,7 +73,6 @@ class PredictionHandler(ApiHandler):
         self._future: asyncio.Future[WorkerResponse] | None = None
         self._envelope: Envelope | None = None
         self._submission: Submission | None = None
-        self._streaming = False
 
     def on_connection_close(self) -> None:
         # The client went away: a queued request is dropped before it reaches a worker.
@@ -88,21 +81,19 @@ class PredictionHandler(ApiHandler):
         if self._submission is not None:
             self._submission.cancel()
 
-    async def options(
-        self, model_name: str | None = None, version: str | None = None, extra: str | None = None
-    ) -> None:
-        if model_name is None:
-            raise BadRequestError("Parameter model_name is required.")
-        mv = self.server.models.get(model_name, version)
-        self.send_json(model_inference_document(mv.name, self.server))
-
-    async def post(
-        self, model_name: str | None = None, version: str | None = None, extra: str | None = None
-    ) -> None:
+    async def handle(self) -> None:
+        model_name = self.path_kwargs.get("model_name")
+        version = self.path_kwargs.get("version")
+        if self.request.method == "OPTIONS":
+            if model_name is None:
+                raise BadRequestError("Parameter model_name is required.")
+            mv = self.server.models.get(model_name, version)
+            self.send_json(model_inference_document(mv.name, self.server))
+            return
         request = self.request
         headers = dict(request.headers)
         headers["explain"] = self.explain
-        headers["url_path"] = extra or ""
+        headers["url_path"] = self.path_kwargs.get("extra") or ""
         inputs = parse_inputs(request.headers.get("Content-Type", ""), self.body, request.headers)
         if self.query_inputs:
             inputs.extend(
@@ -111,30 +102,22 @@ class PredictionHandler(ApiHandler):
                 for value in values
             )
         work = WorkerRequest(self.request_id, headers, inputs)
-        mv = self.server.models.get(model_name, version)
-        envelope = envelope_for(self.server, mv)
+        server = self.server
+        mv = server.models.get(model_name, version)
+        envelope = envelope_for(server, mv)
         if not isinstance(envelope, NoEnvelope):
             # service_envelope (or the model's envelope:) applies to every inference route,
             # as in TorchServe; errors then come back in that protocol's shape.
             self._envelope = envelope
             await self._serve_enveloped(mv, envelope, work, version)
             return
-        self._future = self.server.models.submit(model_name, version, work, self._on_partial)
-        with self.server.prediction(model_name, version):
+        self._future = server.models.submit(model_name, version, work, self._on_partial)
+        with server.prediction(model_name, version):
             try:
                 response = await self._future
             except asyncio.CancelledError:
                 return
-            except FlambeauError as error:
-                if not self._streaming:
-                    raise
-                # Headers and chunks are out: the only honest signal left is a cut connection.
-                log.warning("request %s failed while streaming: %s", self.request_id, error.message)
-                self.request.connection.close()  # type: ignore[union-attr]
-                return
-        await self._send(response)
-
-    get = put = delete = patch = post
+        self._send(response)
 
     async def _serve_enveloped(
         self, mv: Any, envelope: Envelope, work: WorkerRequest, version: str | None
@@ -146,7 +129,7 @@ class PredictionHandler(ApiHandler):
                 )
             except asyncio.CancelledError:
                 return
-        await self._send(response)
+        self._send(response)
 
     def _submitted(self, submission: Submission) -> None:
         self._submission = submission
@@ -156,48 +139,36 @@ class PredictionHandler(ApiHandler):
             super().render_error(error)
             return
         status, content_type, body = self._envelope.render_error(error)
-        self.set_status(status, reason=None)
-        self.set_header("Content-Type", content_type)
-        self.finish(body)
+        self.send(status, body, content_type=content_type)
 
     def _on_partial(self, response: WorkerResponse) -> None:
-        if self._finished:
+        if self.finished:
             return
-        if not self._streaming:
-            self._streaming = True
-            self._start_response(response)
-        if response.body:
-            self.write(response.body)
-        future = self.flush()
-        future.add_done_callback(_ignore_closed)
+        if not self.started:
+            self.start(
+                response.status,
+                content_type=response.content_type or None,
+                headers=_handler_headers(response),
+                reason=response.reason,
+            )
+        self.write(response.body)
 
-    def _start_response(self, response: WorkerResponse) -> None:
-        self.set_status(response.status, reason_for(response.status, response.reason))
-        if response.content_type:
-            self.set_header("Content-Type", response.content_type)
-        for name, value in response.headers.items():
-            if name.lower() not in HOP_BY_HOP:
-                self.set_header(name, value)
-
-    async def _send(self, response: WorkerResponse) -> None:
-        if self._finished:
+    def _send(self, response: WorkerResponse) -> None:
+        if self.started:
+            self.end(response.body)  # the last chunk
             return
-        body: bytes | None = None
-        if self._streaming:
-            if response.body:
-                self.write(response.body)  # the last chunk
-        else:
-            self._start_response(response)
-            body = response.body
-        try:
-            await self.finish(body)
-        except tornado.iostream.StreamClosedError:
-            log.debug("request %s: client went away before the answer", self.request_id)
+        self.send(
+            response.status,
+            response.body,
+            content_type=response.content_type or None,
+            headers=_handler_headers(response),
+            reason=response.reason,
+        )
 
 
-def _ignore_closed(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("streamed chunk not delivered: %s", future.exception())
+def _handler_headers(response: WorkerResponse) -> list[tuple[str, str]]:
+    # Framing headers belong to this connection, not to the handler's answer.
+    return [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
 
 
 class DescriptionHandler(ApiHandler):
