@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
 import tornado.web
@@ -46,6 +45,7 @@ from flambeau.api import (
     WorkerSpec,
 )
 from flambeau.core.config import Address, Config
+from flambeau.core.http import HttpServer
 from flambeau.core.logs import flush_buffered_logs, line_writer
 from flambeau.core.metrics import EXTRA, HOSTNAME, LATENCY_BUCKETS, Metrics
 from flambeau.core.models import ModelManager, cpu_count, python_for
@@ -81,7 +81,7 @@ class Server:
         self.log_dir = os.environ.get("LOG_LOCATION", "logs")
         self.work_dir = tempfile.mkdtemp(prefix="flambeau-")
         self.addresses: dict[str, str] = {}
-        self._http_servers: list[tornado.httpserver.HTTPServer] = []
+        self._http_servers: list[HttpServer] = []
         self._stop = asyncio.Event()
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -434,7 +434,7 @@ class Server:
             where = address.path if address.unix else f"{address.host}:{address.port}"
             raise ConfigError(f"{key}: cannot listen on {where}: {exc.strerror}") from None
 
-    def _start_http(self) -> None:
+    async def _start_http(self) -> None:
         groups: dict[Address | str, set[str]] = {}
         addresses: dict[Address | str, Address] = {}
         for listener, key in LISTENER_KEYS.items():
@@ -450,13 +450,12 @@ class Server:
         for group, listeners in groups.items():
             address = addresses[group]
             sockets = self._bind(address, LISTENER_KEYS[sorted(listeners)[0]])
-            server = tornado.httpserver.HTTPServer(
+            server = HttpServer(
                 self._application(listeners),
-                ssl_options=self._ssl_context(address),
+                ssl_context=self._ssl_context(address),
                 max_body_size=max_request,
-                xheaders=False,
             )
-            server.add_sockets(sockets)
+            await server.add_sockets(sockets)
             self._http_servers.append(server)
             for listener in listeners:
                 self.addresses[listener] = _describe_address(address, sockets)
@@ -484,7 +483,7 @@ class Server:
             stack.callback(flush_buffered_logs)
             flusher = asyncio.create_task(self._flush_logs_periodically())
             stack.callback(flusher.cancel)
-            self._start_http()
+            await self._start_http()
             stack.push_async_callback(self._drain)
             for lifespan in self.hooks.lifespans(self):
                 await stack.enter_async_context(lifespan)
