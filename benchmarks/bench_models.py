@@ -35,11 +35,11 @@ class BenchConv(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(48, 96, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(96, 192, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         )
-        self.head = nn.Linear(64, 10)
+        self.head = nn.Linear(192, 10)
 
     def forward(self, x):
         return self.head(torch.flatten(self.features(x), 1))
