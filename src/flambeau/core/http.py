@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ MAX_HEADER_BYTES = 65536
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 (Continue)\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 _READ_HIGH_WATER = 1 << 20  # bytes buffered past the current request before reads pause
 
 
@@ -112,10 +114,15 @@ class Exchange:
         elif "Content-Length" not in headers and self._body_allowed:
             # An HTTP/1.0 answer of unknown length ends when the connection does.
             self.keep_alive = False
+        if not self.keep_alive and request.version == "HTTP/1.1" and "Connection" not in headers:
+            headers["Connection"] = "close"
         lines = [f"HTTP/1.1 {status} {start_line.reason}"]
         lines.extend(f"{name}: {value}" for name, value in headers.get_all())
         for line in lines:
             if "\r" in line or "\n" in line:
+                # Nothing can be answered on this connection any more: close it, as Tornado.
+                self.keep_alive = False
+                self._protocol.close()
                 raise ValueError(f"Illegal characters (CR or LF) in header: {line!r}")
         head = "\r\n".join(lines)
         self.head_written = True
@@ -132,7 +139,7 @@ class Exchange:
     def finish(self) -> None:
         if self.finished:
             return
-        if self.chunked_output:
+        if self.chunked_output and self._body_allowed:
             self._protocol.send(b"0\r\n\r\n")
         self.finished = True
         self.close_callback = None
@@ -167,6 +174,7 @@ class HttpProtocol(asyncio.Protocol):
         self._received_chunked = 0
         self._waiting = False  # the delegate asked us to wait before more body
         self._closed = False
+        self._closing = False  # close() was called: parse nothing more
         self._paused_reading = False
         self._write_paused = False
         self._drained: list[asyncio.Future[None]] = []
@@ -197,8 +205,9 @@ class HttpProtocol(asyncio.Protocol):
         exchange, delegate = self._exchange, self._delegate
         self._exchange = self._delegate = None
         if delegate is not None and self._reading_body:
+            # The delegate tells its handler; the handler's close callback would repeat it.
             delegate.on_connection_close()
-        if exchange is not None and not exchange.finished and exchange.close_callback:
+        elif exchange is not None and not exchange.finished and exchange.close_callback:
             callback, exchange.close_callback = exchange.close_callback, None
             callback()
         for future in self._drained:
@@ -222,6 +231,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._closed or self.transport is None or self.transport.is_closing():
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_exception(tornado.iostream.StreamClosedError())
+            future.exception()  # as Tornado: a client that left is no error worth logging
             return future
         if data:
             self.transport.write(data)
@@ -232,6 +242,7 @@ class HttpProtocol(asyncio.Protocol):
         return waiter
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.close()
 
@@ -260,7 +271,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         try:
-            while not self._closed and not self._waiting:
+            while not self._closing and not self._closed and not self._waiting:
                 if self._reading_body:
                     if not self._read_body():
                         return
@@ -282,11 +293,10 @@ class HttpProtocol(asyncio.Protocol):
         start = 0
         while buffer[start : start + 2] == b"\r\n" or buffer[start : start + 1] == b"\n":
             start += 2 if buffer[start : start + 1] == b"\r" else 1
-        end = buffer.find(b"\r\n\r\n", start)
-        size = 4
-        if end < 0:
-            end = buffer.find(b"\n\n", start)
-            size = 2
+        end, size = buffer.find(b"\r\n\r\n", start), 4
+        bare = buffer.find(b"\n\n", start)
+        if bare >= 0 and (end < 0 or bare < end):
+            end, size = bare, 2
         if end < 0:
             if len(buffer) - start > MAX_HEADER_BYTES:
                 raise HTTPInputError("request headers too large")
@@ -308,14 +318,13 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = length is None
         self._body_left = length or 0
         self._reading_body = length != 0
-        expects = headers.get("Expect", "").lower() == "100-continue"
-        if self._reading_body and expects and start_line.version == "HTTP/1.1":
-            self.send(_CONTINUE)
+        self._body_started = False
+        self._expects_continue = (
+            headers.get("Expect", "").lower() == "100-continue" and start_line.version == "HTTP/1.1"
+        )
         ready = delegate.headers_received(start_line, headers)
-        if self._closed or exchange.finished:
+        if self._closing or exchange.finished:
             return True  # answered from the headers alone (413, 401...)
-        if length is not None and length > exchange.max_body_size:
-            raise HTTPInputError("Content-Length too long")
         if not self._reading_body:
             self._after_headers(ready, self._finish_request)
         else:
@@ -360,10 +369,25 @@ class HttpProtocol(asyncio.Protocol):
 
         asyncio.ensure_future(ready).add_done_callback(resume)
 
+    def _start_body(self, exchange: Exchange) -> None:
+        """Once the application has seen the headers (and a streaming handler has run its
+        ``prepare``, which may raise the limit or answer 413 itself): Tornado's limit check,
+        then the 100 Continue the client waits for."""
+        self._body_started = True
+        if not self._chunked and self._body_left > exchange.max_body_size:
+            raise HTTPInputError("Content-Length too long")
+        if self._expects_continue:
+            self.send(_CONTINUE)
+
     def _read_body(self) -> bool:
         exchange, delegate = self._exchange, self._delegate
         assert exchange is not None
         assert delegate is not None
+        if exchange.finished:
+            # Answered before the body (413...): exchange_finished closes the connection.
+            return False
+        if not self._body_started:
+            self._start_body(exchange)
         buffer = self._buffer
         if not self._chunked:
             if not buffer:
@@ -381,12 +405,12 @@ class HttpProtocol(asyncio.Protocol):
             if len(buffer) > 64:
                 raise HTTPInputError("chunk size line too long")
             return False
-        try:
-            size = int(bytes(buffer[:eol]).split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise HTTPInputError("invalid chunk size") from None
-        if size < 0:
-            raise HTTPInputError("invalid chunk size")
+        token = bytes(buffer[:eol]).split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(token):
+            raise HTTPInputError("invalid chunk size")  # no 0x, signs or underscores
+        size = int(token, 16)
+        if self._received_chunked + size > exchange.max_body_size:
+            raise HTTPInputError("chunked body too large")
         if size == 0:
             # The last chunk, then trailers up to an empty line.
             end = buffer.find(b"\r\n\r\n", eol)
@@ -405,8 +429,6 @@ class HttpProtocol(asyncio.Protocol):
             raise HTTPInputError("improperly terminated chunked request")
         del buffer[: eol + 4 + size]
         self._received_chunked += size
-        if self._received_chunked > exchange.max_body_size:
-            raise HTTPInputError("chunked body too large")
         self._deliver(delegate, piece)
         return True
 
