@@ -738,3 +738,28 @@ async def test_close_all_connections_closes_idle_keep_alive_connections(
     assert served.server.connections == set()
     for client in clients:
         await client.assert_closed()
+
+
+async def test_connections_idle_past_the_timeout_are_closed() -> None:
+    server = HttpServer(make_application(Recorder()), max_body_size=MAX_BODY, idle_timeout_s=0.2)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    await server.add_sockets(sockets)
+    served = Served(server, sockets[0].getsockname()[1], Recorder())
+    try:
+        idle = await served.connect()
+        await idle.send(request("GET", "/echo"))
+        await idle.read_answer()
+        silent = await served.connect()  # never sends a byte
+        busy = await served.connect()
+        for _ in range(6):  # keeps talking past the timeout
+            await busy.send(request("GET", "/echo"))
+            await busy.read_answer()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        await idle.assert_closed()
+        await silent.assert_closed()
+    finally:
+        for client in served.clients:
+            await client.close()
+        server.stop()
+        await within(server.close_all_connections())

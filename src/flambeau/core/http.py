@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -178,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
         self._paused_reading = False
         self._write_paused = False
         self._drained: list[asyncio.Future[None]] = []
+        self.last_active = time.monotonic()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -193,8 +195,14 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         self._buffer += data
         self._process()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing being answered."""
+        return self._exchange is None
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -470,12 +478,17 @@ class HttpServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_body_size: int = 100 * 1024 * 1024,
+        idle_timeout_s: float = 3600.0,
     ) -> None:
         self.delegate = delegate
         self.ssl_context = ssl_context
         self.max_body_size = max_body_size
+        # As Tornado's server: a connection that sends nothing for an hour between (or in
+        # the middle of) requests' headers is closed.
+        self.idle_timeout_s = idle_timeout_s
         self.connections: set[HttpProtocol] = set()
         self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def add_sockets(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -484,13 +497,28 @@ class HttpServer:
                 lambda: HttpProtocol(self), sock=sock, ssl=self.ssl_context
             )
             self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_idle())
 
     def stop(self) -> None:
         """Stop accepting connections; open ones go on."""
         for server in self._servers:
             server.close()
 
+    async def _sweep_idle(self) -> None:
+        # One timer for all connections, not one per request.
+        period = min(60.0, self.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - self.idle_timeout_s
+            for connection in list(self.connections):
+                if connection.idle and connection.last_active < cutoff:
+                    connection.close()
+
     async def close_all_connections(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self.connections):
             connection.close()
         # connection_lost comes a loop pass or two after close().
