@@ -30,6 +30,7 @@ import tornado.web
 
 from flambeau.api import (
     FlambeauError,
+    ForbiddenError,
     Identity,
     InternalServerError,
     MethodNotAllowedError,
@@ -39,6 +40,8 @@ from flambeau.core.logs import REQUEST_ID
 from flambeau.errors import METHOD_NOT_ALLOWED
 
 log = logging.getLogger("flambeau.web")
+
+FORBIDDEN = "Forbidden: this identity may not use this API"
 
 _NO_CACHE_HEADERS = (
     ("Pragma", "no-cache"),
@@ -68,6 +71,25 @@ class Security:
 
     def authorize(self, identity: Identity | None, permission: str, resource: str | None) -> bool:
         return bool(self.authorizer.authorize(identity, permission, resource))
+
+    def admit(
+        self, route: RouteSpec, headers: Mapping[str, str], path: str, resource: str | None
+    ) -> Identity | None:
+        """Authenticate and authorize one request to a non-public ``route``: the identity, or
+        the refusal raised. A route that declares no permission is refused to everybody."""
+        identity = self.authenticate(route.listener, headers, path)
+        permission = route.permission
+        if permission is None or not self.authorize(identity, permission, resource):
+            raise self.refusal(identity, route.listener)
+        return identity
+
+    def refusal(self, identity: Identity | None, listener: str) -> FlambeauError:
+        """The refusal the configured authenticator prefers (TorchServe: 400 token)."""
+        for authenticator in self.authenticators:
+            refusal = getattr(authenticator, "refusal", None)
+            if refusal is not None:
+                return refusal(identity, listener)
+        return ForbiddenError(FORBIDDEN)
 
 
 @tornado.web.stream_request_body
@@ -139,23 +161,14 @@ class ApiHandler(tornado.web.RequestHandler):
         )
         if self.route.public:
             return
-        headers = self.request.headers
-        self.identity = self.security.authenticate(self.listener, headers, self.request.path)
-        permission = self.route.permission
         resource = self.path_kwargs.get("model_name") if self.path_kwargs else None
-        # A route that declares no permission is refused to everybody: closed by default.
-        if permission is None or not self.security.authorize(self.identity, permission, resource):
-            self.security_refused()
+        self.identity = self.security.admit(
+            self.route, self.request.headers, self.request.path, resource
+        )
 
     def security_refused(self) -> None:
         """Raise the refusal the configured authenticator prefers (TorchServe: 400 token)."""
-        for authenticator in self.security.authenticators:
-            refusal = getattr(authenticator, "refusal", None)
-            if refusal is not None:
-                raise refusal(self.identity, self.listener)
-        from flambeau.api import ForbiddenError
-
-        raise ForbiddenError("Forbidden: this identity may not use this API")
+        raise self.security.refusal(self.identity, self.listener)
 
     def _reject_too_large(self) -> None:
         # TorchServe answers a bare 413 with no body and closes the connection.
@@ -455,17 +468,8 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
             raise FlambeauError("Invalid unicode in the path", status=400) from None
         if self.route.public:
             return
-        self.identity = self.security.authenticate(self.route.listener, headers, request.path)
-        permission = self.route.permission
         resource = self.path_kwargs.get("model_name")
-        if permission is None or not self.security.authorize(self.identity, permission, resource):
-            for authenticator in self.security.authenticators:
-                refusal = getattr(authenticator, "refusal", None)
-                if refusal is not None:
-                    raise refusal(self.identity, self.route.listener)
-            from flambeau.api import ForbiddenError
-
-            raise ForbiddenError("Forbidden: this identity may not use this API")
+        self.identity = self.security.admit(self.route, headers, request.path, resource)
 
     async def _run(self) -> None:
         try:

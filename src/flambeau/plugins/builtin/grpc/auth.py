@@ -21,10 +21,10 @@ import grpc
 import grpc.aio
 
 from flambeau.api import FlambeauError, GrpcServiceSpec, Identity
+from flambeau.web import FORBIDDEN
 
 access_log = logging.getLogger("flambeau.access")
 
-FORBIDDEN = "Forbidden: this identity may not use this API"
 UNREGISTERED = "This method was not registered through flambeau_grpc_services"
 
 Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
@@ -105,12 +105,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         return observed(handler, method, check_model)
 
     def _refusal_message(self, identity: Identity | None, listener: str) -> str:
-        # The same refusal REST gives (flambeau.web.ApiHandler.security_refused), as gRPC text.
-        for authenticator in self._security.authenticators:
-            refusal = getattr(authenticator, "refusal", None)
-            if refusal is not None:
-                return str(refusal(identity, listener).message)
-        return FORBIDDEN
+        # The same refusal REST gives (flambeau.web.Security.refusal), as gRPC text.
+        return str(self._security.refusal(identity, listener).message)
 
 
 def refusing(handler: Any, method: str, message: str) -> Any:
