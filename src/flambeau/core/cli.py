@@ -10,7 +10,6 @@ first, pytest-style: ``-p MODULE``, ``-p no:NAME``, ``--disable-plugin-autoload`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -24,11 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flambeau import __version__
-from flambeau.api import CliOption, ConfigError, PluginError
 
+# The launcher (`flambeau start` without --foreground) only spawns the server and waits for
+# it: asyncio and flambeau.api (pluggy, the spec dataclasses) are imported where used, so the
+# launcher does not pay for them and the server answers sooner.
 if TYPE_CHECKING:
     import psutil
 
+    from flambeau.api import CliOption
     from flambeau.core.config import Config
     from flambeau.core.plugins import PluginSet
 
@@ -166,6 +168,8 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Merge config file and flags; validate what can be checked before listening."""
+    from flambeau.api import ConfigError
+
     config_file = os.environ.get("TS_CONFIG_FILE") or args.ts_config
     if config_file and not Path(config_file).is_file():
         raise ConfigError(f"--ts-config: no such file {config_file}")
@@ -340,6 +344,8 @@ def serve_foreground(
     if not args.daemon_child:
         pid_file().write_text(str(os.getpid()))
     try:
+        import asyncio
+
         asyncio.run(server.run())
     finally:
         if not args.daemon_child:
@@ -389,6 +395,7 @@ def main(argv: Sequence[str] | None = None, messages: CliMessages = MESSAGES) ->
         # The launcher only spawns the server and waits: it loads no plugin, so the server
         # answers sooner. The server itself validates the flags (errors come back one line).
         return _start_daemon(argv, _ready_file_arg(argv), messages)
+    from flambeau.api import ConfigError, PluginError
     from flambeau.core.plugins import PluginOptions, load_plugins
 
     try:
