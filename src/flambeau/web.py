@@ -55,6 +55,44 @@ def dumps_pretty(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
+class RequestBody:
+    """A request body kept within ``max_request_size`` by TorchServe's rules, for both route
+    bases: a declared length over the limit is refused before anything is read, a chunked body
+    as soon as it passes the limit (both a bare 413, then the connection closes)."""
+
+    __slots__ = ("_chunks", "_received", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: list[bytes] = []
+        self._received = 0
+
+    def declared_too_large(self, headers: Mapping[str, str]) -> bool:
+        length = headers.get("Content-Length")
+        return length is not None and length.isdigit() and int(length) > self.limit
+
+    @property
+    def connection_limit(self) -> int:
+        """The limit for the HTTP connection: slack above ours, so that a chunked body passing
+        it reaches :meth:`add` (and gets TorchServe's 413) before the connection's own check
+        (a bare 400) sees it; nothing past the limit is kept."""
+        return 2 * self.limit + 65536
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep ``chunk``; False (and nothing kept) once the body passes the limit."""
+        self._received += len(chunk)
+        if self._received > self.limit:
+            return False
+        self._chunks.append(chunk)
+        return True
+
+    def join(self) -> bytes:
+        """The whole body (joined once)."""
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+
 class Security:
     """What the core hands every route: the authentication and authorization pipeline."""
 
@@ -106,9 +144,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self.route = kwargs.pop("route")
         self.security = kwargs.pop("security")
         self.server = kwargs.pop("server")
-        self._max_body = int(kwargs.pop("max_request_size", 6553500))
-        self._chunks: list[bytes] = []
-        self._received = 0
+        self._body = RequestBody(int(kwargs.pop("max_request_size", 6553500)))
         self.identity = None
         # Tornado set the default headers before the server was known; add the server's now.
         self._set_server_headers()
@@ -149,15 +185,11 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         # Synchronous on purpose: Tornado skips the awaiting machinery for a plain return.
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
+        if self._body.declared_too_large(self.request.headers):
             self._reject_too_large()
             return
-        # Slack above the limit so that a chunked body passing it reaches data_received (and
-        # gets TorchServe's 413) before Tornado's own check (a bare 400) sees it; nothing past
-        # the limit is kept, and the connection closes once the 413 is sent.
         self.request.connection.set_max_body_size(  # type: ignore[union-attr]
-            2 * self._max_body + 65536
+            self._body.connection_limit
         )
         if self.route.public:
             return
@@ -165,10 +197,6 @@ class ApiHandler(tornado.web.RequestHandler):
         self.identity = self.security.admit(
             self.route, self.request.headers, self.request.path, resource
         )
-
-    def security_refused(self) -> None:
-        """Raise the refusal the configured authenticator prefers (TorchServe: 400 token)."""
-        raise self.security.refusal(self.identity, self.listener)
 
     def _reject_too_large(self) -> None:
         # TorchServe answers a bare 413 with no body and closes the connection.
@@ -180,20 +208,13 @@ class ApiHandler(tornado.web.RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         if self._finished:
             return
-        self._received += len(chunk)
-        if self._received > self._max_body:
-            # Only a chunked body gets here (a Content-Length over the limit was refused in
-            # prepare): answer TorchServe's bare 413 and stop reading.
+        if not self._body.add(chunk):
             self._reject_too_large()
-            return
-        self._chunks.append(chunk)
 
     @property
     def body(self) -> bytes:
-        """The whole request body (joined once, lazily)."""
-        if len(self._chunks) != 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0]
+        """The whole request body."""
+        return self._body.join()
 
     def send_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -315,7 +336,7 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
         self.route = route
         self.security = security
         self.server = server
-        self._max_body = max_request_size
+        self._body = RequestBody(max_request_size)
         self.raw_path_kwargs = path_kwargs
         self.path_kwargs: dict[str, str | None] = {}
         self.identity = None
@@ -323,8 +344,6 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
         self.status = 200
         self.started = False
         self.finished = False
-        self._chunks: list[bytes] = []
-        self._received = 0
         self.setup(**kwargs)
 
     def setup(self, **kwargs: Any) -> None:
@@ -359,13 +378,8 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
         return None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        if self.finished:
-            return None
-        self._received += len(chunk)
-        if self._received > self._max_body:
+        if not self.finished and not self._body.add(chunk):
             self._reject_too_large()
-            return None
-        self._chunks.append(chunk)
         return None
 
     def finish(self) -> None:
@@ -379,10 +393,8 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
 
     @property
     def body(self) -> bytes:
-        """The whole request body (joined once, lazily)."""
-        if len(self._chunks) != 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0]
+        """The whole request body."""
+        return self._body.join()
 
     def send(
         self,
@@ -452,13 +464,10 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
         request = self.request
         if request.method not in self.METHODS:
             raise MethodNotAllowedError(METHOD_NOT_ALLOWED)
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
+        if self._body.declared_too_large(headers):
             self._reject_too_large()
             return
-        # As in ApiHandler.prepare: slack so that a chunked body passing the limit gets
-        # TorchServe's 413 from data_received before Tornado's own bare 400.
-        self.connection.set_max_body_size(2 * self._max_body + 65536)
+        self.connection.set_max_body_size(self._body.connection_limit)
         try:
             self.path_kwargs = {
                 name: None if value is None else value.decode()
@@ -521,8 +530,9 @@ class Endpoint(tornado.httputil.HTTPMessageDelegate):
         self.finished = True
         self.connection.set_close_callback(None)
         if self.started:
+            # Only an answered request is counted and logged (as ApiHandler's on_finish).
             self.connection.finish()
-        self.server.observe_response(self.request, self.status)
+            self.server.observe_response(self.request, self.status)
 
     def _reject_too_large(self) -> None:
         # TorchServe answers a bare 413 with no body and closes the connection.

@@ -45,13 +45,12 @@ _READ_HIGH_WATER = 1 << 20  # bytes buffered past the current request before rea
 class _Context:
     """What Tornado's ``HTTPServerRequest`` reads from ``connection.context``."""
 
-    __slots__ = ("address", "protocol", "remote_ip", "trusted_downstream")
+    __slots__ = ("address", "protocol", "remote_ip")
 
     def __init__(self, address: Any, protocol: str) -> None:
         self.address = address
         self.protocol = protocol
         self.remote_ip = address[0] if isinstance(address, tuple) and address else "127.0.0.1"
-        self.trusted_downstream: set[str] = set()
 
 
 def _done() -> asyncio.Future[None]:
@@ -67,7 +66,6 @@ class Exchange:
         self._protocol = protocol
         self.context = protocol.context
         self.start_line = start
-        self.request_headers = headers
         self.max_body_size = protocol.server.max_body_size
         self.close_callback: Callable[[], None] | None = None
         self.chunked_output = False

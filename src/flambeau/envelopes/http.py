@@ -21,8 +21,8 @@ import tornado.iostream
 
 from flambeau.api import Envelope, FlambeauError, RequestInput, WorkerRequest, WorkerResponse
 from flambeau.envelopes.dataplane import Submission, envelope_for
-from flambeau.plugins.builtin.inference import HOP_BY_HOP, parse_inputs, reason_for
-from flambeau.web import ApiHandler
+from flambeau.plugins.builtin.inference import HOP_BY_HOP, parse_inputs
+from flambeau.web import ApiHandler, reason_for
 
 
 class EnvelopeHandler(ApiHandler):

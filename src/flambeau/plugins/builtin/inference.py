@@ -25,9 +25,9 @@ from flambeau.api import (
 )
 from flambeau.envelopes.dataplane import NoEnvelope, Submission, envelope_for
 from flambeau.plugins.builtin.openapi import document_for, model_inference_document
-from flambeau.web import ApiHandler, Endpoint, reason_for
+from flambeau.web import ApiHandler, Endpoint
 
-__all__ = ["HOP_BY_HOP", "PredictionHandler", "parse_inputs", "reason_for"]
+__all__ = ["HOP_BY_HOP", "PredictionHandler", "parse_inputs"]
 
 log = logging.getLogger("flambeau.inference")
 
