@@ -68,13 +68,12 @@ class WorkerSlot:
     running: set[asyncio.Future[bool]] = field(default_factory=set)
     batch_ended: asyncio.Future[None] | None = None
     worker_lost: bool = False
-    in_flight: int = 0
     started: asyncio.Future[bool] | None = None
 
     @property
     def busy(self) -> bool:
         """Whether the worker holds a batch of this slot's."""
-        return self.in_flight > 0
+        return bool(self.running)
 
 
 class _Ahead:
@@ -362,7 +361,7 @@ class WorkerPool:
         if slot.worker_lost or len(self.queue) < self.settings.batch_size:
             return False
         return not any(
-            other.in_flight == 0 and other.worker is not None and not other.retired
+            not other.running and other.worker is not None and not other.retired
             for other in self.slots
             if other is not slot
         )
@@ -381,12 +380,10 @@ class WorkerPool:
     ) -> None:
         if not batch:
             return
-        slot.in_flight += 1
         task = asyncio.ensure_future(self._run_batch(worker, batch, ahead))
         slot.running.add(task)
 
         def ended(task: asyncio.Future[bool]) -> None:
-            slot.in_flight -= 1
             slot.running.discard(task)
             alive = not task.cancelled() and task.exception() is None and task.result()
             if alive:
@@ -400,11 +397,8 @@ class WorkerPool:
 
         task.add_done_callback(ended)
 
-    async def _run_batch(
-        self, worker: Worker, batch: list[InferenceJob], ahead: _Ahead | None = None
-    ) -> bool:
+    async def _run_batch(self, worker: Worker, batch: list[InferenceJob], ahead: _Ahead) -> bool:
         """Run one batch; False when the worker must be replaced."""
-        ahead = ahead if ahead is not None else _Ahead()
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         for job in batch:

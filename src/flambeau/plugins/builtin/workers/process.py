@@ -203,9 +203,8 @@ class ProcessWorker:
                 self._state = "broken"
             raise
         finally:
-            if self._sent and self._sent[0] is sent:
-                self._sent.popleft()
-            elif sent in self._sent:
+            # Answered frames left the queue in _on_frame; a cancelled or failed one leaves here.
+            if sent in self._sent:
                 self._sent.remove(sent)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
