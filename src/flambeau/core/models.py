@@ -39,7 +39,7 @@ from flambeau.api import (
 )
 from flambeau.core.batching import InferenceJob, JobQueue, PartialCallback
 from flambeau.core.pool import PoolSettings, WorkerPool
-from flambeau.core.settings import ModelSettings, merge_settings, usable_cpus
+from flambeau.core.settings import ModelSettings, merge_settings
 from flambeau.core.sources import default_model_name, resolve_source
 
 log = logging.getLogger("flambeau.models")
@@ -604,7 +604,3 @@ def _free_workers(mv: ModelVersion) -> int:
 def python_for(mv: ModelVersion) -> str:
     """The worker interpreter: the one a preparer chose (a per-model venv), else the server's."""
     return mv.python or sys.executable
-
-
-def cpu_count() -> int:
-    return usable_cpus()
