@@ -63,7 +63,8 @@ class SizeRotatingFileHandler(logging.handlers.RotatingFileHandler):
     access and metric lines are written on every request, so this one keeps the size itself.
     With ``buffered``, lines are written in bulk (at 64 KiB, after 0.5 s, or on
     :func:`flush_buffered_logs`, which the server calls twice a second and at shutdown): one
-    ``write`` and ``flush`` per line was a fifth of the server's time under load.
+    ``write`` and ``flush`` per line was ~20% of the server's samples under load
+    (docs/performance.md, first profile).
     """
 
     FLUSH_BYTES = 64 * 1024
@@ -82,16 +83,10 @@ class SizeRotatingFileHandler(logging.handlers.RotatingFileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
-            if not self.buffered:
+            if self.buffered:
+                self.append(line)
+            else:
                 self._write(line)
-                return
-            self._pending.append(line)
-            self._pending_bytes += len(line)
-            if (
-                self._pending_bytes >= self.FLUSH_BYTES
-                or time.monotonic() - self._last_write >= self.FLUSH_SECONDS
-            ):
-                self.flush()
         except Exception:
             self.handleError(record)
 
