@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flambeau.plugins.builtin.snapshots import format_properties, parse_properties
+from flambeau.plugins.builtin.snapshots import format_properties
+from flambeau.properties import parse_properties
 from flambeau.testing.fixtures import ServerProcess
 
 NAME = re.compile(r"^\d{17}-(startup|snapshot|shutdown)\.cfg$")

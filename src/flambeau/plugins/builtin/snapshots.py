@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flambeau.api import RegisterParams, hookimpl
+from flambeau.properties import parse_properties
 
 log = logging.getLogger("flambeau.snapshots")
 
@@ -28,7 +29,6 @@ SNAPSHOT_NAME = re.compile(r"^(\d{17})-(startup|snapshot|shutdown)\.cfg$")
 MODEL_SNAPSHOT = "model_snapshot"
 # The CLI's fallback when no config file is named: it does not count as naming one.
 CWD_CONFIG = "config.properties"
-_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
 
 
 # ----------------------------------------------------------------------------- properties
@@ -58,63 +58,6 @@ def format_properties(values: Mapping[str, str], comment: str, when: float) -> s
     lines = [f"#{comment}", f"#{stamp}"]
     lines += [f"{_escape(k, key=True)}={_escape(v, key=False)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
-
-
-def _unescape(text: str) -> str:
-    out = []
-    chars = iter(text)
-    for char in chars:
-        if char != "\\":
-            out.append(char)
-            continue
-        nxt = next(chars, "")
-        if nxt == "u":
-            code = "".join(next(chars, "") for _ in range(4))
-            try:
-                out.append(chr(int(code, 16)))
-            except ValueError:
-                out.append(code)
-        else:
-            out.append(_ESCAPES.get(nxt, nxt))
-    return "".join(out)
-
-
-def _logical_lines(text: str) -> list[str]:
-    lines: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.lstrip(" \t\f")
-        if not pending and (not line or line[0] in "#!"):
-            continue
-        trailing = len(line) - len(line.rstrip("\\"))
-        if trailing % 2 == 1:  # an odd run of backslashes continues the line
-            pending += line[:-1]
-            continue
-        lines.append(pending + line)
-        pending = ""
-    if pending:
-        lines.append(pending)
-    return lines
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    """Java ``Properties.load``: separators ``=``, ``:`` or whitespace, escapes undone."""
-    props: dict[str, str] = {}
-    for line in _logical_lines(text):
-        index = 0
-        while index < len(line):
-            char = line[index]
-            if char == "\\":
-                index += 2
-                continue
-            if char in "=: \t\f":
-                break
-            index += 1
-        key, rest = line[:index], line[index:].lstrip(" \t\f")
-        if rest[:1] in ("=", ":"):  # one separator, with whitespace around it
-            rest = rest[1:].lstrip(" \t\f")
-        props[_unescape(key)] = _unescape(rest)
-    return props
 
 
 # ----------------------------------------------------------------------------- model_snapshot

@@ -124,7 +124,7 @@ def _config_model_store(ts_config: str | None) -> str | None:
     # TorchServe's launcher reads only model_store from the --ts-config file, verbatim.
     if not ts_config:
         return None
-    from flambeau.core.config import parse_properties
+    from flambeau.properties import parse_properties
 
     return parse_properties(Path(ts_config).read_text(encoding="utf-8")).get("model_store")
 
