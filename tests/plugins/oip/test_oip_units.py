@@ -10,10 +10,11 @@ import pytest
 from flambeau.api import BadRequestError, ModelRef
 from flambeau.core.config import Config
 from flambeau.envelopes.tensors import Tensor
+from flambeau.plugins.builtin.grpc.status import grpc_code
 from flambeau.plugins.builtin.oip import plugin
 from flambeau.plugins.builtin.oip._generated import grpc_predict_v2_pb2 as standard
 from flambeau.plugins.builtin.oip._generated import open_inference_grpc_pb2 as torchserve
-from flambeau.plugins.builtin.oip.grpc_service import grpc_status, infer_request, infer_response
+from flambeau.plugins.builtin.oip.grpc_service import infer_request, infer_response
 
 PACKAGES = [standard, torchserve]
 
@@ -113,14 +114,14 @@ def test_malformed_requests_are_bad_requests(build: object, message: str) -> Non
 
 def test_http_to_grpc_status_map() -> None:
     codes = grpc.StatusCode
-    assert grpc_status(400) == codes.INVALID_ARGUMENT
-    assert grpc_status(404) == codes.NOT_FOUND
-    assert grpc_status(429) == codes.RESOURCE_EXHAUSTED
-    assert grpc_status(503) == codes.UNAVAILABLE
-    assert grpc_status(422) == codes.FAILED_PRECONDITION
-    assert grpc_status(507) == codes.INTERNAL
-    assert grpc_status(200) == codes.OK
-    assert grpc_status(99) == codes.UNKNOWN
+    assert grpc_code(400) == codes.INVALID_ARGUMENT
+    assert grpc_code(404) == codes.NOT_FOUND
+    assert grpc_code(429) == codes.RESOURCE_EXHAUSTED
+    assert grpc_code(503) == codes.UNAVAILABLE
+    assert grpc_code(422) == codes.FAILED_PRECONDITION
+    assert grpc_code(507) == codes.INTERNAL
+    assert grpc_code(200) == codes.OK
+    assert grpc_code(99) == codes.UNKNOWN
 
 
 def test_the_switch_adds_metadata_routes_and_the_grpc_services() -> None:

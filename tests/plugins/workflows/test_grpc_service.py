@@ -14,6 +14,7 @@ import grpc
 import pytest
 from workflow_support import InProcessServer, write_war
 
+from flambeau.plugins.builtin.grpc.status import grpc_code
 from flambeau.plugins.builtin.workflows import plugin
 from flambeau.plugins.builtin.workflows._generated import (
     flambeau_workflow_pb2 as pb2,
@@ -21,7 +22,6 @@ from flambeau.plugins.builtin.workflows._generated import (
 from flambeau.plugins.builtin.workflows._generated import (
     flambeau_workflow_pb2_grpc as pb2_grpc,
 )
-from flambeau.plugins.builtin.workflows.grpc_service import grpc_status_name
 
 HANDLER = """
 import json
@@ -106,7 +106,7 @@ def test_errors_become_grpc_statuses(
 
 
 def test_http_to_grpc_status_map_is_torchserves() -> None:
-    assert [grpc_status_name(s) for s in (200, 400, 404, 409, 418, 500, 503, 507, 99)] == [
+    assert [grpc_code(s).name for s in (200, 400, 404, 409, 418, 500, 503, 507, 99)] == [
         "OK",
         "INVALID_ARGUMENT",
         "NOT_FOUND",

@@ -27,6 +27,7 @@ from flambeau.envelopes.dataplane import Submission
 from flambeau.envelopes.kservev2 import InferRequest, KServeV2Envelope, RequestedOutput
 from flambeau.envelopes.tensors import DATATYPES, Tensor, check_shape, element_count, from_raw
 from flambeau.envelopes.tensors import to_raw as tensor_to_raw
+from flambeau.plugins.builtin.grpc.status import grpc_code
 from flambeau.plugins.builtin.oip.common import model_metadata, model_ready, server_metadata
 
 log = logging.getLogger("flambeau.oip")
@@ -50,36 +51,6 @@ PACKAGES = {
     "inference": "grpc_predict_v2",
     "org.pytorch.serve.grpc.openinference": "open_inference_grpc",
 }
-
-
-def grpc_status(status: int) -> Any:
-    """TorchServe's HTTP-to-gRPC status map (``GRPCUtils.getGRPCStatusCode``)."""
-    import grpc
-
-    codes = grpc.StatusCode
-    exact = {
-        400: codes.INVALID_ARGUMENT,
-        401: codes.UNAUTHENTICATED,
-        403: codes.PERMISSION_DENIED,
-        404: codes.NOT_FOUND,
-        409: codes.ABORTED,
-        413: codes.RESOURCE_EXHAUSTED,
-        416: codes.OUT_OF_RANGE,
-        429: codes.RESOURCE_EXHAUSTED,
-        499: codes.CANCELLED,
-        501: codes.UNIMPLEMENTED,
-        503: codes.UNAVAILABLE,
-        504: codes.DEADLINE_EXCEEDED,
-    }
-    if status in exact:
-        return exact[status]
-    if 200 <= status < 300:
-        return codes.OK
-    if 400 <= status < 500:
-        return codes.FAILED_PRECONDITION
-    if 500 <= status < 600:
-        return codes.INTERNAL
-    return codes.UNKNOWN
 
 
 def _parameter_value(parameter: Any) -> Any:
@@ -226,12 +197,12 @@ class InferenceServicer:
             outputs = self.envelope.outputs(decoded, await submission.responses())
             return infer_response(self.pb, infer, model, work.request_id, outputs)
         except FlambeauError as error:
-            await context.abort(grpc_status(error.status), error.message)
+            await context.abort(grpc_code(error.status), error.message)
             raise  # abort raises; this line is never reached
         except Exception:
             # What is logged stays apart from what the client sees.
             log.exception("ModelInfer on %s failed unexpectedly", mv.name)
-            await context.abort(grpc_status(500), "Internal server error")
+            await context.abort(grpc_code(500), "Internal server error")
             raise
 
     async def _model(self, context: Any, name: str, version: str | None) -> Any:
@@ -240,7 +211,7 @@ class InferenceServicer:
                 raise BadRequestError("Parameter model_name is required.")
             return self.server.models.get(name, version or None)
         except FlambeauError as error:
-            await context.abort(grpc_status(error.status), error.message)
+            await context.abort(grpc_code(error.status), error.message)
             raise
 
     @staticmethod

@@ -17,36 +17,8 @@ from flambeau.api import FlambeauError, RequestInput, WorkerRequest
 
 SERVICE = "flambeau.workflow.WorkflowInferenceService"
 
+
 # TorchServe's GRPCUtils.getGRPCStatusCode, by HTTP status.
-_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    409: "ABORTED",
-    413: "RESOURCE_EXHAUSTED",
-    416: "OUT_OF_RANGE",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    501: "UNIMPLEMENTED",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-
-
-def grpc_status_name(http_status: int) -> str:
-    """The gRPC status code name TorchServe answers for an HTTP status."""
-    if http_status in _STATUS_NAMES:
-        return _STATUS_NAMES[http_status]
-    if 200 <= http_status < 300:
-        return "OK"
-    if 400 <= http_status < 500:
-        return "FAILED_PRECONDITION"
-    if 500 <= http_status < 600:
-        return "INTERNAL"
-    return "UNKNOWN"
-
-
 class WorkflowServicer:
     """The servicer; ``server`` is the flambeau server (its ``workflows`` manager)."""
 
@@ -56,6 +28,7 @@ class WorkflowServicer:
     async def WorkflowPredictions(self, request: Any, context: Any) -> Any:
         import grpc
 
+        from flambeau.plugins.builtin.grpc.status import grpc_code
         from flambeau.plugins.builtin.workflows._generated import flambeau_workflow_pb2 as pb2
 
         manager = getattr(self.server, "workflows", None)
@@ -81,8 +54,7 @@ class WorkflowServicer:
                 request.workflow_name, request.workflow_version or None, work
             )
         except FlambeauError as exc:
-            code = getattr(grpc.StatusCode, grpc_status_name(exc.status))
-            await context.abort(code, exc.message)
+            await context.abort(grpc_code(exc.status), exc.message)
         return pb2.WorkflowPredictionResponse(
             prediction=response.body, content_type=response.content_type
         )
