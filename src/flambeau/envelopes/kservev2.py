@@ -296,7 +296,9 @@ def _coerce(name: str, flat: list[Any], datatype: str) -> list[Any]:
             return [bool(v) for v in flat]
         if dtype.kind == "float":
             values = [float(v) for v in flat]
-            if datatype in {"FP16", "BF16"}:  # struct refuses what they cannot hold
+            # struct refuses FP16 values out of range; BF16 is packed through FP32, so only
+            # values past FP32's range are refused (a finite value past BF16's becomes inf).
+            if datatype in {"FP16", "BF16"}:
                 to_raw(Tensor(name, datatype, (len(values),), values))
             return values
         values = [int(v) for v in flat]
